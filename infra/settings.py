@@ -1,0 +1,42 @@
+"""Environment settings, read with pydantic-settings under their standard names.
+
+Nothing happens at import: call ``get_settings()`` (cached) where the settings are needed.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    storage: str = Field("./.tunepipe", validation_alias=AliasChoices("TUNEPIPE_STORAGE", "storage"))
+    mlflow_tracking_uri: str | None = Field(
+        None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "mlflow_tracking_uri")
+    )
+    s3_endpoint_url: str | None = Field(
+        None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "s3_endpoint_url")
+    )
+    aws_access_key_id: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("AWS_ACCESS_KEY_ID", "aws_access_key_id")
+    )
+    aws_secret_access_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key")
+    )
+    aws_region: str = Field("us-east-1", validation_alias=AliasChoices("AWS_DEFAULT_REGION", "AWS_REGION", "aws_region"))
+    ray_address: str | None = Field(None, validation_alias=AliasChoices("RAY_ADDRESS", "ray_address"))
+    ray_num_cpus: int | None = Field(None, validation_alias=AliasChoices("TUNEPIPE_RAY_NUM_CPUS", "ray_num_cpus"))
+    prefect_api_url: str | None = Field(None, validation_alias=AliasChoices("PREFECT_API_URL", "prefect_api_url"))
+
+    @property
+    def is_s3(self) -> bool:
+        return self.storage.startswith("s3://")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

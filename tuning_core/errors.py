@@ -1,0 +1,25 @@
+"""One error hierarchy for the whole product.
+
+Messages name what is wrong, where, and what was expected. The CLI turns a
+``TunepipeError`` into one line and exit code 2; anything else is a bug (exit 1).
+"""
+
+
+class TunepipeError(Exception):
+    """Base of every user-facing error (bad input, bad config, unreachable storage)."""
+
+
+class ConfigError(TunepipeError):
+    """The configuration or search space is invalid."""
+
+
+class DataError(TunepipeError):
+    """Input data is missing, unreadable or does not match an expected schema."""
+
+
+class StorageError(TunepipeError):
+    """The storage root or an object store cannot be read or written."""
+
+
+class TrackingError(TunepipeError):
+    """MLflow tracking or registry cannot be used as configured."""

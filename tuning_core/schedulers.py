@@ -1,0 +1,78 @@
+"""Early-stopping schedulers: names → lazy constructors, read from ``TuneConfig``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tuning_core.config import ParamSpec, Scalar, TuneConfig
+from tuning_core.errors import ConfigError
+
+TIME_ATTR = "training_iteration"
+
+
+def _fifo(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> Any:
+    from ray.tune.schedulers import FIFOScheduler
+
+    return FIFOScheduler()
+
+
+def _asha(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> Any:
+    from ray.tune.schedulers import ASHAScheduler
+
+    o = cfg.scheduler_options
+    return ASHAScheduler(time_attr=TIME_ATTR, max_t=cfg.max_iterations, grace_period=min(o.grace_period,
+                         cfg.max_iterations), reduction_factor=o.reduction_factor, brackets=o.brackets)
+
+
+def _hyperband(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> Any:
+    from ray.tune.schedulers import HyperBandScheduler
+
+    return HyperBandScheduler(time_attr=TIME_ATTR, max_t=cfg.max_iterations,
+                              reduction_factor=cfg.scheduler_options.reduction_factor)
+
+
+def _median(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> Any:
+    from ray.tune.schedulers import MedianStoppingRule
+
+    return MedianStoppingRule(time_attr=TIME_ATTR, grace_period=cfg.scheduler_options.grace_period,
+                              min_samples_required=2)
+
+
+def pbt_mutations(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> dict[str, Any]:
+    """PBT's mutation space: the configured one, or every float range of the search space."""
+    from tuning_core.search import to_domain
+
+    given = cfg.scheduler_options.hyperparam_mutations
+    if given:
+        return {k: (list(v) if isinstance(v, list) else to_domain(k, v)) for k, v in given.items()}
+    muts = {k: to_domain(k, v) for k, v in space.items()
+            if isinstance(v, ParamSpec) and v.type in ("uniform", "loguniform")}
+    if not muts:
+        raise ConfigError("scheduler pbt: no float range in the search space to mutate; "
+                          "set scheduler_options.hyperparam_mutations")
+    return muts
+
+
+def _pbt(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> Any:
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    o = cfg.scheduler_options
+    return PopulationBasedTraining(time_attr=TIME_ATTR, perturbation_interval=o.perturbation_interval,
+                                   hyperparam_mutations=pbt_mutations(cfg, space),
+                                   quantile_fraction=o.quantile_fraction)
+
+
+SCHEDULERS: dict[str, Callable[[TuneConfig, dict[str, ParamSpec | Scalar]], Any]] = {
+    "fifo": _fifo,
+    "asha": _asha,
+    "hyperband": _hyperband,
+    "median": _median,
+    "pbt": _pbt,
+}
+
+
+def create_scheduler(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> Any:
+    if cfg.scheduler not in SCHEDULERS:
+        raise ConfigError(f"scheduler: one of {sorted(SCHEDULERS)}, got {cfg.scheduler!r}")
+    return SCHEDULERS[cfg.scheduler](cfg, space)

@@ -1,0 +1,115 @@
+"""Search spaces and search algorithms.
+
+Config entries (``ParamSpec``) map to Ray Tune domains in ``to_domain``; algorithm names
+map to lazy constructors in ``SEARCHERS``. Every searcher is seeded, so the same seed
+proposes the same configs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tuning_core.config import ParamSpec, Scalar, TuneConfig
+from tuning_core.errors import ConfigError
+
+
+def to_domain(name: str, spec: ParamSpec | Scalar) -> Any:
+    """One config entry → a Ray Tune domain (or the constant itself)."""
+    from ray import tune
+
+    if not isinstance(spec, ParamSpec):
+        return spec
+    t = spec.type
+    if t == "choice":
+        return tune.choice(list(spec.values or []))
+    if t == "grid":
+        return tune.grid_search(list(spec.values or []))
+    if t == "uniform":
+        return tune.uniform(spec.low, spec.high)
+    if t == "loguniform":
+        return tune.loguniform(spec.low, spec.high)
+    if t == "quniform":
+        return tune.quniform(spec.low, spec.high, spec.q)
+    if t == "qloguniform":
+        return tune.qloguniform(spec.low, spec.high, spec.q)
+    if t == "randint":
+        # Ray's randint excludes `high`; the config's bounds are inclusive-exclusive too (documented).
+        return tune.randint(int(spec.low), int(spec.high))
+    raise ConfigError(f"search space {name}: unknown type {t!r}")
+
+
+def build_space(space: dict[str, ParamSpec | Scalar], search: str) -> dict[str, Any]:
+    """The Ray Tune param_space for ``space``, checked against what ``search`` supports."""
+    if not space:
+        raise ConfigError("search space: empty, expected at least one parameter")
+    if search in ("hyperopt", "optuna"):
+        grids = [k for k, v in space.items() if isinstance(v, ParamSpec) and v.type == "grid"]
+        if grids:
+            raise ConfigError(f"search space: {search} cannot sample grid entries {grids}; use choice or search=grid")
+    if search == "grid":
+        ranged = [k for k, v in space.items() if isinstance(v, ParamSpec) and v.type not in ("grid", "choice")]
+        if ranged:
+            raise ConfigError(f"search space: grid search needs grid/choice entries, got ranges for {ranged}")
+        space = {k: ParamSpec(type="grid", values=v.values) if isinstance(v, ParamSpec) else v
+                 for k, v in space.items()}
+    return {k: to_domain(k, v) for k, v in space.items()}
+
+
+def _points(cfg: TuneConfig, space: dict[str, Any]) -> list[dict[str, Any]] | None:
+    if not cfg.points_to_evaluate:
+        return None
+    unknown = sorted({k for p in cfg.points_to_evaluate for k in p} - set(space))
+    if unknown:
+        raise ConfigError(f"points_to_evaluate: keys {unknown} are not in the search space {sorted(space)}")
+    # Searchers want every sampled key in each point; constants are filled by Tune itself.
+    return [{k: v for k, v in p.items()} for p in cfg.points_to_evaluate]
+
+
+def _max_concurrent(cfg: TuneConfig) -> int:
+    return cfg.max_concurrent_trials or 2
+
+
+def _random(cfg: TuneConfig, space: dict[str, Any]) -> Any:
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(points_to_evaluate=_points(cfg, space), random_state=cfg.seed)
+
+
+def _grid(cfg: TuneConfig, space: dict[str, Any]) -> Any:
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(points_to_evaluate=_points(cfg, space), random_state=cfg.seed)
+
+
+def _hyperopt(cfg: TuneConfig, space: dict[str, Any]) -> Any:
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    searcher = HyperOptSearch(points_to_evaluate=_points(cfg, space), random_state_seed=cfg.seed)
+    # TPE learns from finished trials: limiting concurrency trades wall time for better proposals.
+    return ConcurrencyLimiter(searcher, max_concurrent=_max_concurrent(cfg))
+
+
+def _optuna(cfg: TuneConfig, space: dict[str, Any]) -> Any:
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    searcher = OptunaSearch(points_to_evaluate=_points(cfg, space), sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+    return ConcurrencyLimiter(searcher, max_concurrent=_max_concurrent(cfg))
+
+
+SEARCHERS: dict[str, Callable[[TuneConfig, dict[str, Any]], Any]] = {
+    "random": _random,
+    "grid": _grid,
+    "hyperopt": _hyperopt,
+    "optuna": _optuna,
+}
+
+
+def create_searcher(cfg: TuneConfig, space: dict[str, Any]) -> Any:
+    if cfg.search not in SEARCHERS:
+        raise ConfigError(f"search: one of {sorted(SEARCHERS)}, got {cfg.search!r}")
+    return SEARCHERS[cfg.search](cfg, space)

@@ -1,0 +1,67 @@
+"""The one reporting/checkpointing/restore mechanism shared by every trainable.
+
+A trainable calls ``restored_state`` once at start (a folder with the last checkpoint, or
+None) and ``report`` after every iteration; ``report`` attaches a checkpoint every
+``checkpoint_every`` iterations and at the last one, written by the trainable's own
+``save(folder)`` callback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+# Keys of the trial config that steer the trial itself rather than the model.
+CONTROL_KEYS = ("_fail_once_marker", "_checkpoint_every", "_max_iterations")
+
+
+def model_params(config: dict[str, Any]) -> dict[str, Any]:
+    """The trial config without control keys."""
+    return {k: v for k, v in config.items() if k not in CONTROL_KEYS}
+
+
+@contextlib.contextmanager
+def restored_state() -> Iterator[Path | None]:
+    """Yield the folder of the checkpoint this trial resumes from (retry, restore, PBT), or None."""
+    from ray import tune
+
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        yield None
+        return
+    with ckpt.as_directory() as folder:
+        yield Path(folder)
+
+
+def maybe_fail_once(config: dict[str, Any]) -> None:
+    """Fault injection for tests: raise once per marker file (the retry then succeeds).
+
+    Enabled only when the config carries ``_fail_once_marker`` (a path); the first attempt
+    creates the file and raises, later attempts see it and carry on.
+    """
+    marker = config.get("_fail_once_marker")
+    if marker and not os.path.exists(marker):
+        Path(marker).touch()
+        raise RuntimeError(f"injected trial failure (marker {marker})")
+
+
+def report(
+    metrics: dict[str, float],
+    iteration: int,
+    last_iteration: int,
+    checkpoint_every: int,
+    save: Callable[[Path], None],
+) -> None:
+    """Report ``metrics`` for ``iteration`` (1-based); checkpoint on cadence and at the end."""
+    from ray import tune
+
+    if iteration % checkpoint_every == 0 or iteration >= last_iteration:
+        with tempfile.TemporaryDirectory() as tmp:
+            save(Path(tmp))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+    else:
+        tune.report(metrics)
