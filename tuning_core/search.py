@@ -86,7 +86,10 @@ def _hyperopt(cfg: TuneConfig, space: dict[str, Any]) -> Any:
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.hyperopt import HyperOptSearch
 
-    searcher = HyperOptSearch(points_to_evaluate=_points(cfg, space), random_state_seed=cfg.seed)
+    # hyperopt's default of 20 random start-up points would leave TPE idle on small budgets.
+    n_initial = min(20, max(4, cfg.num_samples // 4))
+    searcher = HyperOptSearch(points_to_evaluate=_points(cfg, space), random_state_seed=cfg.seed,
+                              n_initial_points=n_initial)
     # TPE learns from finished trials: limiting concurrency trades wall time for better proposals.
     return ConcurrencyLimiter(searcher, max_concurrent=_max_concurrent(cfg))
 
@@ -97,7 +100,9 @@ def _optuna(cfg: TuneConfig, space: dict[str, Any]) -> Any:
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    searcher = OptunaSearch(points_to_evaluate=_points(cfg, space), sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+    n_initial = min(20, max(4, cfg.num_samples // 4))
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=n_initial)
+    searcher = OptunaSearch(points_to_evaluate=_points(cfg, space), sampler=sampler)
     return ConcurrencyLimiter(searcher, max_concurrent=_max_concurrent(cfg))
 
 

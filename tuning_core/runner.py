@@ -1,0 +1,290 @@
+"""The tuning runner: the one owner of ``ray.tune.Tuner``.
+
+Builds the experiment from a ``TuneConfig``, resumes it if a restorable experiment already
+exists at its deterministic location (that is what makes a retried stage cheap), and turns
+Ray's ResultGrid into a typed ``TuningResult`` with a leaderboard and learning curves.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+import pyarrow.fs as pafs
+
+from tuning_core.config import ParamSpec, Scalar, TuneConfig
+from tuning_core.errors import ConfigError
+from tuning_core.results import TrialRecord, TuningResult
+from tuning_core.schedulers import create_scheduler
+from tuning_core.search import build_space, create_searcher
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def experiment_name(workload: str, data_version: str, cfg_hash: str, run_id: str | None = None) -> str:
+    """Deterministic experiment name: same data + same config → same experiment (resumable)."""
+    if run_id:
+        return run_id
+    return f"{workload}-{data_version[:10]}-{cfg_hash[:10]}"
+
+
+def validate(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> dict[str, Any]:
+    """Check the space, searcher and scheduler before Ray starts; returns the Ray param space."""
+    param_space = build_space(space, cfg.search)
+    create_searcher(cfg, param_space)
+    create_scheduler(cfg, space)
+    if cfg.search == "grid" and cfg.num_samples != 1:
+        log.info("grid search: num_samples=%d repeats the whole grid that many times", cfg.num_samples)
+    return param_space
+
+
+def _driver_callbacks(cfg: TuneConfig, progress: Progress | None, extra: list[Any] | None) -> list[Any]:
+    from ray.tune import Callback
+
+    class DriverOnly(Callback):
+        """Wrap a callback so it is not pickled into the experiment state (tuner.pkl).
+
+        Our callbacks hold live clients (MLflow, Prefect loggers); the runner re-attaches fresh
+        ones when an experiment is restored.
+        """
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {"inner": None}
+
+        def on_trial_result(self, *args, **kwargs):
+            if self.inner is not None and hasattr(self.inner, "on_trial_result"):
+                self.inner.on_trial_result(*args, **kwargs)
+
+        def on_trial_complete(self, *args, **kwargs):
+            if self.inner is not None and hasattr(self.inner, "on_trial_complete"):
+                self.inner.on_trial_complete(*args, **kwargs)
+
+        def on_trial_error(self, *args, **kwargs):
+            if self.inner is not None and hasattr(self.inner, "on_trial_error"):
+                self.inner.on_trial_error(*args, **kwargs)
+
+    class ProgressCallback:
+        """Summarise trial progress on the driver (Ray worker logs do not reach Prefect by themselves)."""
+
+        def __init__(self) -> None:
+            self.best: float | None = None
+            self.finished: set[str] = set()
+
+        def _better(self, value: float) -> bool:
+            if self.best is None:
+                return True
+            return value > self.best if cfg.mode == "max" else value < self.best
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            value = result.get(cfg.metric)
+            if isinstance(value, (int, float)) and not math.isnan(value) and self._better(value):
+                self.best = float(value)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.finished.add(trial.trial_id)
+            done = len(self.finished | {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")})
+            event = {"done": done, "total": cfg.num_samples, "best": self.best, "metric": cfg.metric,
+                     "trial_id": trial.trial_id}
+            log.info("trials %d/%d done, best %s=%s", done, cfg.num_samples, cfg.metric, self.best)
+            if progress is not None:
+                progress(event)
+
+    return [DriverOnly(ProgressCallback()), *(DriverOnly(c) for c in (extra or []))]
+
+
+def _trial_dirname(trial: Any) -> str:
+    # Short, stable folder names (Ray's default embeds the whole config, long keys on S3).
+    return f"trial_{trial.trial_id}"
+
+
+def _stopper(cfg: TuneConfig) -> Callable[[str, dict[str, Any]], bool]:
+    threshold = cfg.stop_metric_threshold
+
+    def stop(trial_id: str, result: dict[str, Any]) -> bool:
+        if result.get("training_iteration", 0) >= cfg.max_iterations:
+            return True
+        if threshold is None or cfg.metric not in result:
+            return False
+        value = result[cfg.metric]
+        return value >= threshold if cfg.mode == "max" else value <= threshold
+
+    return stop
+
+
+def run_tuning(
+    trainable: Callable[..., None],
+    data: dict[str, Any],
+    space: dict[str, ParamSpec | Scalar],
+    cfg: TuneConfig,
+    storage_fs: pafs.FileSystem,
+    storage_path: str,
+    name: str,
+    callbacks: list[Any] | None = None,
+    progress: Progress | None = None,
+    uri_prefix: str = "",
+) -> TuningResult:
+    """Run (or resume) one Ray Tune experiment.
+
+    Args:
+        trainable: a function trainable ``f(config, **data)``.
+        data: large objects handed to trials through the object store (``tune.with_parameters``).
+        space: the search space from the config.
+        cfg: searcher, scheduler, budget and resources.
+        storage_fs: filesystem of the experiment storage (local or S3).
+        storage_path: folder inside ``storage_fs`` that holds experiments (``<root>/ray``).
+        name: experiment name (see ``experiment_name``).
+        callbacks: extra Tune callbacks running on the driver (e.g. MLflow logging from infra).
+        progress: called with a small dict whenever a trial completes.
+        uri_prefix: prefix that turns a path in ``storage_fs`` into a URI ("s3://" or "").
+    """
+    from ray import tune
+
+    param_space = validate(cfg, space)
+    param_space = {**param_space, "_max_iterations": cfg.max_iterations, "_checkpoint_every": cfg.checkpoint_every}
+    exp_path = f"{storage_path.rstrip('/')}/{name}"
+    resources = {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
+    wrapped = tune.with_resources(tune.with_parameters(trainable, **data), resources)
+    started = time.monotonic()
+    cbs = _driver_callbacks(cfg, progress, callbacks)
+    resumed = tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs)
+    if resumed:
+        log.info("resuming experiment %s%s (finished trials are kept)", uri_prefix, exp_path)
+        tuner = tune.Tuner.restore(exp_path, wrapped, resume_errored=True, storage_filesystem=storage_fs)
+        # Our callbacks are not pickled with the experiment (see DriverOnly); re-attach fresh ones.
+        # Tuner.restore has no callbacks argument, hence the private attribute.
+        tuner._local_tuner.get_run_config().callbacks = cbs  # noqa: SLF001
+    else:
+        if isinstance(storage_fs, pafs.LocalFileSystem):
+            storage_fs.create_dir(storage_path, recursive=True)
+        tuner = tune.Tuner(
+            wrapped,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=cfg.metric, mode=cfg.mode,
+                search_alg=create_searcher(cfg, param_space), scheduler=create_scheduler(cfg, space),
+                num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent_trials,
+                time_budget_s=cfg.time_budget_s, reuse_actors=True,
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                # Ray always keeps the latest checkpoint too, so a crashed trial resumes from it.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=cfg.metric,
+                                                        checkpoint_score_order=cfg.mode),
+                stop=_stopper(cfg), callbacks=cbs, verbose=0,
+            ),
+        )
+    grid = tuner.fit()
+    wall = time.monotonic() - started
+    return _collect(grid, cfg, name, uri_prefix + exp_path, resumed, wall, storage_fs, exp_path)
+
+
+def _clean_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _history(result: Any, metric: str) -> list[dict[str, Any]]:
+    df = result.metrics_dataframe
+    if df is None or df.empty:
+        return []
+    keep = [c for c in df.columns if c == "training_iteration" or (c in (metric, "auc", "logloss", "error",
+            "mean_accuracy", "loss", "train_loss"))]
+    return df[keep].to_dict(orient="records")
+
+
+def _collect(grid: Any, cfg: TuneConfig, name: str, exp_uri: str, resumed: bool, wall: float,
+             fs: pafs.FileSystem, exp_path: str) -> TuningResult:
+    trials: list[TrialRecord] = []
+    better = max if cfg.mode == "max" else min
+    for result in grid:
+        metrics = result.metrics or {}
+        history = _history(result, cfg.metric)
+        values = [h[cfg.metric] for h in history if h.get(cfg.metric) is not None
+                  and not (isinstance(h[cfg.metric], float) and math.isnan(h[cfg.metric]))]
+        ckpt = result.get_best_checkpoint(cfg.metric, cfg.mode) if result.best_checkpoints else result.checkpoint
+        trial_id = metrics.get("trial_id") or (result.path.rstrip("/").rsplit("/", 1)[-1])
+        trials.append(TrialRecord(
+            trial_id=str(trial_id), config=_clean_config(result.config or {}),
+            status="ERROR" if result.error else "TERMINATED",
+            iterations=int(metrics.get("training_iteration", 0)),
+            metric=_num(metrics.get(cfg.metric)), best_metric=better(values) if values else None,
+            metrics={k: float(v) for k, v in metrics.items()
+                     if k in ("auc", "logloss", "error", "mean_accuracy", "loss", "train_loss") and _num(v) is not None},
+            time_s=float(metrics.get("time_total_s", 0.0)), node_id=metrics.get("node_ip"),
+            checkpoint_uri=(("s3://" if exp_uri.startswith("s3://") else "") + ckpt.path) if ckpt else None,
+            history=history,
+        ))
+    ok = [t for t in trials if t.best_metric is not None]
+    if not ok:
+        errors = [str(r.error).splitlines()[0] for r in grid if r.error][:1]
+        raise ConfigError(f"tuning {name}: no trial reported {cfg.metric!r}" + (f" (first error: {errors[0]})"
+                                                                                  if errors else ""))
+    best = (max if cfg.mode == "max" else min)(ok, key=lambda t: t.best_metric)
+    best_iter = _best_iteration(best, cfg)
+    result = TuningResult(
+        experiment_name=name, experiment_uri=exp_uri, search=cfg.search, scheduler=cfg.scheduler,
+        metric=cfg.metric, mode=cfg.mode, num_trials=len(trials), best_trial_id=best.trial_id,
+        best_config=best.config, best_metric=float(best.best_metric), best_iteration=best_iter,
+        best_checkpoint_uri=best.checkpoint_uri, resumed=resumed, wall_time_s=wall, trials=trials,
+    )
+    return _write_reports(result, fs, exp_path)
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+        return None
+    return float(v)
+
+
+def _best_iteration(trial: TrialRecord, cfg: TuneConfig) -> int:
+    """The iteration (round/epoch) at which the best trial peaked on the validation metric."""
+    pts = [(h["training_iteration"], h[cfg.metric]) for h in trial.history if _num(h.get(cfg.metric)) is not None]
+    if not pts:
+        return max(1, trial.iterations)
+    pick = max if cfg.mode == "max" else min
+    return int(pick(pts, key=lambda p: p[1])[0])
+
+
+def _write_reports(result: TuningResult, fs: pafs.FileSystem, exp_path: str) -> TuningResult:
+    """Leaderboard (parquet + CSV) and learning curves (PNG) next to the experiment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    board = pd.DataFrame(result.leaderboard_rows())
+    prefix = "s3://" if result.experiment_uri.startswith("s3://") else ""
+    buf = io.BytesIO()
+    board.to_parquet(buf, index=False)
+    with fs.open_output_stream(f"{exp_path}/leaderboard.parquet") as out:
+        out.write(buf.getvalue())
+    with fs.open_output_stream(f"{exp_path}/leaderboard.csv") as out:
+        out.write(board.to_csv(index=False).encode())
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for t in result.trials:
+        xs = [h["training_iteration"] for h in t.history if _num(h.get(result.metric)) is not None]
+        ys = [h[result.metric] for h in t.history if _num(h.get(result.metric)) is not None]
+        ax.plot(xs, ys, lw=1.5 if t.trial_id == result.best_trial_id else 0.8,
+                label=t.trial_id if t.trial_id == result.best_trial_id else None)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(f"validation {result.metric}")
+    ax.set_title(f"{result.experiment_name}: {result.search} + {result.scheduler}")
+    ax.legend(loc="best")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    with fs.open_output_stream(f"{exp_path}/learning_curves.png") as out:
+        out.write(png.getvalue())
+    return result.model_copy(update={"leaderboard_uri": f"{prefix}{exp_path}/leaderboard.parquet",
+                                     "curves_png_uri": f"{prefix}{exp_path}/learning_curves.png"})

@@ -1,0 +1,115 @@
+"""XGBoost trainable for Ray Tune: per-round metrics, periodic checkpoints, resume from checkpoint.
+
+Data arrives through Ray's object store (``tune.with_parameters``), never a closure, and the
+DMatrix objects are built once per trial.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from tuning_core.trainables.common import maybe_fail_once, model_params, report, restored_state
+
+log = logging.getLogger(__name__)
+
+LABEL = "delayed"
+MODEL_FILE = "model.ubj"
+EVAL_METRICS = ["logloss", "error", "auc"]
+
+# Our search-space names → xgboost's (``lambda`` is a Python keyword, awkward in YAML/CLI tooling).
+_RENAMES = {"reg_lambda": "lambda", "reg_alpha": "alpha"}
+DEFAULT_PARAMS: dict[str, Any] = {"objective": "binary:logistic", "tree_method": "hist",
+                                  "eval_metric": EVAL_METRICS, "max_cat_to_onehot": 1}
+
+
+def xgb_params(config: dict[str, Any], nthread: int = 1, seed: int = 0) -> dict[str, Any]:
+    """The booster parameters for a trial config (defaults + the config, integers where xgboost wants them)."""
+    params = dict(DEFAULT_PARAMS)
+    for k, v in model_params(config).items():
+        if k in ("seed", "num_boost_round"):
+            continue
+        params[_RENAMES.get(k, k)] = v
+    for k in ("max_depth", "max_bin"):
+        if k in params:
+            params[k] = int(params[k])
+    params["nthread"] = max(1, int(nthread))
+    params["seed"] = int(config.get("seed", seed))
+    return params
+
+
+def split_xy(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
+    return df.drop(columns=[LABEL]), df[LABEL]
+
+
+def trial_cpus() -> int:
+    from ray import tune
+
+    try:
+        return max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
+    except Exception:  # noqa: BLE001 - outside a trial (tests, retraining): one thread is a safe default
+        return 1
+
+
+def _callback(last_round: int, checkpoint_every: int):
+    import xgboost as xgb
+
+    class TuneReport(xgb.callback.TrainingCallback):
+        """Report the validation metrics after every boosting round; checkpoint on cadence."""
+
+        def after_iteration(self, model, epoch, evals_log) -> bool:
+            metrics = {name: float(values[-1]) for name, values in evals_log["valid"].items()}
+            rounds = model.num_boosted_rounds()
+
+            def save(folder: Path) -> None:
+                model.save_model(str(folder / MODEL_FILE))
+
+            report(metrics, rounds, last_round, checkpoint_every, save)
+            return False
+
+    return TuneReport()
+
+
+def train_xgboost(config: dict[str, Any], train: pd.DataFrame, valid: pd.DataFrame) -> None:
+    """Ray Tune function trainable: boost up to ``_max_iterations`` rounds, reporting each round.
+
+    On retry, restore or a PBT exploit, boosting continues from the checkpointed booster
+    instead of starting over.
+    """
+    import xgboost as xgb
+
+    maybe_fail_once(config)
+    last_round = int(config.get("_max_iterations", 100))
+    every = int(config.get("_checkpoint_every", 10))
+    x_train, y_train = split_xy(train)
+    x_valid, y_valid = split_xy(valid)
+    dtrain = xgb.QuantileDMatrix(x_train, label=y_train, enable_categorical=True)
+    dvalid = xgb.DMatrix(x_valid, label=y_valid, enable_categorical=True)
+    booster = None
+    with restored_state() as folder:
+        if folder is not None:
+            booster = xgb.Booster(model_file=str(folder / MODEL_FILE))
+    done = booster.num_boosted_rounds() if booster is not None else 0
+    if done >= last_round:
+        return
+    xgb.train(xgb_params(config, trial_cpus()), dtrain, num_boost_round=last_round - done,
+              evals=[(dvalid, "valid")], xgb_model=booster, verbose_eval=False,
+              callbacks=[_callback(last_round, every)])
+
+
+def fit_booster(config: dict[str, Any], train: pd.DataFrame, rounds: int, nthread: int = 2):
+    """Train a final booster on ``train`` for exactly ``rounds`` rounds (retraining, baselines)."""
+    import xgboost as xgb
+
+    x, y = split_xy(train)
+    dtrain = xgb.QuantileDMatrix(x, label=y, enable_categorical=True)
+    return xgb.train(xgb_params(config, nthread), dtrain, num_boost_round=max(1, int(rounds)), verbose_eval=False)
+
+
+def load_booster(checkpoint_dir: Path):
+    import xgboost as xgb
+
+    return xgb.Booster(model_file=str(Path(checkpoint_dir) / MODEL_FILE))
