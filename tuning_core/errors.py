@@ -6,7 +6,13 @@ Messages name what is wrong, where, and what was expected. The CLI turns a
 
 
 class TunepipeError(Exception):
-    """Base of every user-facing error (bad input, bad config, unreachable storage)."""
+    """Base of every user-facing error (bad input, bad config, unreachable storage).
+
+    ``retryable`` tells the orchestrator whether waiting can help: bad input never gets better
+    by retrying, an endpoint that is down may come back.
+    """
+
+    retryable = False
 
 
 class ConfigError(TunepipeError):
@@ -23,3 +29,9 @@ class StorageError(TunepipeError):
 
 class TrackingError(TunepipeError):
     """MLflow tracking or registry cannot be used as configured."""
+
+
+class ServiceUnavailable(TunepipeError):
+    """An endpoint (S3, MLflow) cannot be reached right now; retrying may help."""
+
+    retryable = True

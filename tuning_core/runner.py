@@ -198,8 +198,9 @@ def _history(result: Any, metric: str) -> list[dict[str, Any]]:
     df = result.metrics_dataframe
     if df is None or df.empty:
         return []
-    keep = [c for c in df.columns if c == "training_iteration" or (c in (metric, "auc", "logloss", "error",
-            "mean_accuracy", "loss", "train_loss"))]
+    # Config columns are kept too: under PBT they change during a trial (mutations).
+    keep = [c for c in df.columns if c == "training_iteration" or c in (metric, "auc", "logloss", "error",
+            "mean_accuracy", "loss", "train_loss") or (c.startswith("config/") and not c.startswith("config/_"))]
     return df[keep].to_dict(orient="records")
 
 

@@ -1,0 +1,284 @@
+"""MLflow tracking and registry: parent/child runs, model logging, idempotent registration,
+champion/challenger gating.
+
+Everything is keyed so that re-running a pipeline updates what exists instead of duplicating
+it: the parent run by its run key (the tuning experiment name), child runs by trial id, model
+versions by source run. Nothing here logs secrets: params come from configs, tags from hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from infra.settings import Settings
+from infra.storage import Storage, mlflow_s3_env, redact
+from tuning_core.errors import TrackingError
+from tuning_core.results import RegistryResult, TuningResult
+
+log = logging.getLogger(__name__)
+
+TAG_RUN_KEY = "tunepipe.run_key"
+TAG_TRIAL = "tunepipe.trial_id"
+TAG_STAGE = "tunepipe.stage"
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+# MLflow's HTTP client retries for minutes by default; stage retries (Prefect) are where we wait.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+def default_tracking_uri(storage: Storage) -> str:
+    """SQLite next to the data for a local root; a local SQLite file in ./.tunepipe for an S3 root."""
+    base = Path(storage.root) if not storage.is_s3 else Path(".tunepipe").resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parents[1])
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Tracker:
+    """MLflow client bound to one tracking URI and the storage root's artifact location."""
+
+    def __init__(self, settings: Settings, storage: Storage) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+
+        for k, v in {**_HTTP_DEFAULTS, **mlflow_s3_env(settings)}.items():
+            os.environ.setdefault(k, v)
+        self.settings = settings
+        self.storage = storage
+        self.uri = settings.mlflow_tracking_uri or default_tracking_uri(storage)
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    # ---------------------------------------------------------------- runs
+    def check(self) -> None:
+        """Fail with one line if the tracking server cannot be reached."""
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as err:  # noqa: BLE001 - MLflow raises many types for an unreachable store
+            raise TrackingError(f"MLflow tracking URI {self.uri}: unreachable ({_first_line(err)})") from None
+
+    def experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.storage.is_s3:
+            location = f"{self.storage.uri}/mlflow/{name}"  # uploaded directly to our bucket
+        elif not self.uri.startswith("http"):
+            location = Path(self.storage.root, "mlflow", name).resolve().as_uri()
+        # else: an HTTP tracking server decides (e.g. proxied --artifacts-destination s3://...)
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def parent_run(self, experiment: str, run_key: str, tags: dict[str, str], run_name: str) -> str:
+        """The pipeline's parent run: found by its key (a re-run reuses it) or created."""
+        exp_id = self.experiment_id(experiment)
+        found = self.client.search_runs([exp_id], f"tags.`{TAG_RUN_KEY}` = '{run_key}'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            run_id = self.client.create_run(exp_id, run_name=run_name, tags={TAG_RUN_KEY: run_key}).info.run_id
+        self.client.log_batch(run_id, tags=_tags({**tags, "git_commit": git_commit()}))
+        return run_id
+
+    def child_run(self, parent_id: str, key_tag: str, key: str, run_name: str) -> tuple[str, bool]:
+        """A child run of ``parent_id`` identified by ``key_tag = key``: (run_id, existed)."""
+        parent = self.client.get_run(parent_id)
+        exp_id = parent.info.experiment_id
+        flt = f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{key_tag}` = '{key}'"
+        found = self.client.search_runs([exp_id], flt, max_results=1)
+        if found:
+            return found[0].info.run_id, True
+        run = self.client.create_run(exp_id, run_name=run_name,
+                                     tags={"mlflow.parentRunId": parent_id, key_tag: key})
+        return run.info.run_id, False
+
+    def log_trials(self, parent_id: str, tuning: TuningResult, mutated: list[str] | None = None) -> int:
+        """One child run per trial, written from the driver; existing ones are updated, not duplicated.
+
+        Parameters that PBT mutates are recorded as metric histories (``hp.<name>``) and a tag,
+        since MLflow params are immutable.
+        """
+        from mlflow.entities import Metric, Param
+
+        mutated = mutated or []
+        written = 0
+        for t in tuning.trials:
+            run_id, existed = self.child_run(parent_id, TAG_TRIAL, t.trial_id, f"trial-{t.trial_id}")
+            run = self.client.get_run(run_id)
+            if existed and run.data.metrics.get("training_iteration") == t.iterations \
+                    and run.info.status == "FINISHED":
+                continue  # unchanged since last time (resumed / re-run pipeline)
+            first = t.history[0] if t.history else {}
+            params = {k: (first.get(f"config/{k}", v) if k in mutated else v) for k, v in t.config.items()}
+            have = run.data.params
+            new_params = [Param(k, _param(v)) for k, v in params.items() if k not in have]
+            metrics = []
+            for h in t.history:
+                step = int(h.get("training_iteration", 0))
+                for k, v in h.items():
+                    if k == "training_iteration" or v is None:
+                        continue
+                    name = f"hp.{k.removeprefix('config/')}" if k.startswith("config/") else k
+                    if k.startswith("config/") and k.removeprefix("config/") not in mutated:
+                        continue
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                        metrics.append(Metric(name, float(v), 0, step))
+            metrics.append(Metric("training_iteration", float(t.iterations), 0, t.iterations))
+            if t.best_metric is not None:
+                metrics.append(Metric(f"best_{tuning.metric}", float(t.best_metric), 0, t.iterations))
+            if existed:  # rewrite history only from the steps not logged before
+                last = int(run.data.metrics.get("training_iteration", 0))
+                metrics = [m for m in metrics if m.step > last]
+            tags = {"status": t.status, "tunepipe.experiment": tuning.experiment_name}
+            if mutated:
+                tags["tunepipe.pbt_mutated"] = ",".join(mutated)
+            for i in range(0, len(metrics), 900):
+                self.client.log_batch(run_id, metrics=metrics[i:i + 900],
+                                      params=new_params if i == 0 else [], tags=_tags(tags) if i == 0 else [])
+            if not metrics:
+                self.client.log_batch(run_id, params=new_params, tags=_tags(tags))
+            self.client.set_terminated(run_id, "FINISHED" if t.status != "ERROR" else "FAILED")
+            written += 1
+        return written
+
+    def log_files(self, run_id: str, files: dict[str, bytes], artifact_path: str | None = None) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                Path(tmp, name).write_bytes(data)
+            self.client.log_artifacts(run_id, tmp, artifact_path)
+
+    def log_dir(self, run_id: str, folder: Path, artifact_path: str) -> None:
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def run_url(self, run_id: str) -> str:
+        run = self.client.get_run(run_id)
+        if self.uri.startswith("http"):
+            return f"{self.uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+        return f"{self.uri} experiment {run.info.experiment_id} run {run_id}"
+
+    # ---------------------------------------------------------------- registry
+    def register(self, name: str, run_id: str, model_uri: str, tags: dict[str, str]) -> str:
+        """Register ``model_uri`` as a version of ``name``; idempotent per source run.
+
+        MLflow's own ``register_model`` creates a new version on every call, so we look for a
+        version from the same run first.
+        """
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(name, description="Registered by tunepipe")
+        existing = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if existing:
+            version = str(max(int(v.version) for v in existing))
+            log.info("model %s version %s already registered for run %s", name, version, run_id)
+        else:
+            version = str(mlflow.register_model(model_uri, name, tags=_strtags(tags)).version)
+        return version
+
+    def gate(self, name: str, version: str, challenger_value: float, metric: str, mode: str, margin: float,
+             evaluate_version: Callable[[str], float], force: bool = False) -> RegistryResult:
+        """Set ``challenger`` and promote to ``champion`` only if it beats the current champion.
+
+        The current champion is re-evaluated on today's test split (``evaluate_version``), not
+        trusted from old tags. The decision, both metrics and the previous champion are written as
+        tags on the version. A version that already has a decision keeps it (re-runs change nothing).
+        """
+        from mlflow.exceptions import MlflowException
+
+        mv = self.client.get_model_version(name, version)
+        if "tunepipe.decision" in mv.tags and not force:
+            return self._result(name, version, mv.tags["tunepipe.decision"], mv.tags.get("tunepipe.previous_champion"))
+        try:
+            champion = self.client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            champion = None
+        tags = {f"tunepipe.challenger_{metric}": f"{challenger_value:.6f}"}
+        if champion is None:
+            promote, decision, previous = True, "first version: promoted", None
+        elif champion.version == version:
+            promote, decision, previous = True, "already champion", version
+        else:
+            previous = champion.version
+            champ_value = evaluate_version(f"models:/{name}/{champion.version}")
+            tags[f"tunepipe.champion_{metric}"] = f"{champ_value:.6f}"
+            delta = challenger_value - champ_value if mode == "max" else champ_value - challenger_value
+            if force:
+                promote, decision = True, f"forced promotion (delta {delta:+.6f})"
+            elif delta >= margin and delta > 0:
+                promote, decision = True, f"promoted: beats champion v{previous} by {delta:+.6f} (margin {margin})"
+            else:
+                promote, decision = False, f"kept champion v{previous}: delta {delta:+.6f} < margin {margin}"
+        tags["tunepipe.decision"] = decision
+        if previous:
+            tags["tunepipe.previous_champion"] = previous
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, version, k, v)
+        if promote:
+            self.client.set_registered_model_alias(name, CHAMPION, version)
+            try:
+                if self.client.get_model_version_by_alias(name, CHALLENGER).version == version:
+                    self.client.delete_registered_model_alias(name, CHALLENGER)
+            except MlflowException:
+                pass
+        else:
+            self.client.set_registered_model_alias(name, CHALLENGER, version)
+        return self._result(name, version, decision, previous)
+
+    def _result(self, name: str, version: str, decision: str, previous: str | None) -> RegistryResult:
+        mv = self.client.get_model_version(name, version)
+        return RegistryResult(model_name=name, version=version, aliases=sorted(mv.aliases), decision=decision,
+                              promoted=CHAMPION in mv.aliases, champion_before=previous)
+
+    def champion_config(self, name: str) -> dict[str, Any] | None:
+        """The searched config of the current champion (warm start), or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            return None
+        raw = mv.tags.get("tunepipe.best_config")
+        return json.loads(raw) if raw else None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return redact(text[0][:300] if text else type(err).__name__)
+
+
+def _param(v: Any) -> str:
+    return str(v)[:6000]
+
+
+def _strtags(tags: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v)[:5000] for k, v in tags.items() if v is not None}
+
+
+def _tags(tags: dict[str, Any]) -> list[Any]:
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, v) for k, v in _strtags(tags).items()]
