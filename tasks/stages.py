@@ -1,0 +1,152 @@
+"""Prefect tasks: one per stage, each a thin wrapper over ``tasks.workloads``.
+
+Every task has retries with exponential backoff and jitter, a timeout and tags. Bad input
+(``TunepipeError`` that is not ``retryable``) is never retried: it will not get better. Tasks
+whose output is fully determined by their inputs are cached on those inputs (data version,
+config hash, storage and tracking location) with persisted results, so re-running a failed
+flow skips finished stages; the tune stage additionally resumes its Ray experiment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.tasks import exponential_backoff
+
+from infra.settings import get_settings
+from tasks import workloads as wl
+from tuning_core.config import config_hash
+from tuning_core.errors import TunepipeError
+from tuning_core.results import DataVersion, RegistryResult, RetrainResult, TuningResult
+
+
+def _retry_if_transient(task, task_run, state) -> bool:
+    """Retry crashes and transient outages, never bad input."""
+    try:
+        state.result()
+    except TunepipeError as err:
+        return err.retryable
+    except BaseException:  # noqa: BLE001 - anything else (a crash, a network blip) is worth a retry
+        return True
+    return True
+
+
+def _ctx() -> wl.Context:
+    return wl.Context.build(get_settings())
+
+
+def _where() -> str:
+    s = get_settings()
+    return f"{s.storage}|{s.mlflow_tracking_uri}"
+
+
+def _source_fingerprint(cfg: wl.Pipeline) -> str | None:
+    """Size and mtime of local source files; None (no caching) for S3 sources, which we re-read."""
+    source = cfg.data.source
+    if source is None:
+        from tuning_core.data.flights import default_source
+
+        source = default_source()
+    if source.startswith("s3://"):
+        return None
+    p = Path(source)
+    files = sorted(p.rglob("*")) if p.is_dir() else sorted(Path().glob(source)) if any(
+        c in source for c in "*?[") else [p]
+    stats = [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
+    return hashlib.sha256("|".join(stats).encode()).hexdigest()[:16] if stats else None
+
+
+def _prepare_key(ctx, params: dict[str, Any]) -> str | None:
+    fp = _source_fingerprint(params["cfg"])
+    return None if fp is None else f"prepare-{config_hash(params['cfg'].data)}-{fp}-{hashlib.sha1(_where().encode()).hexdigest()[:10]}"
+
+
+def _tune_key(ctx, params: dict[str, Any]) -> str:
+    cfg, version = params["cfg"], params["version"]
+    return f"tune-{wl.experiment_for(cfg, version)}-{hashlib.sha1(_where().encode()).hexdigest()[:10]}"
+
+
+def _retrain_key(ctx, params: dict[str, Any]) -> str:
+    cfg, tuning = params["cfg"], params["tuning"]
+    return (f"retrain-{tuning.experiment_name}-{tuning.best_trial_id}-{tuning.num_trials}-{config_hash(cfg.retrain)}"
+            f"-{hashlib.sha1(_where().encode()).hexdigest()[:10]}")
+
+
+COMMON = dict(retry_jitter_factor=0.5, retry_condition_fn=_retry_if_transient)
+
+
+@task(name="preflight", tags=["tunepipe", "preflight"], retries=2, retry_delay_seconds=5, timeout_seconds=300,
+      **COMMON)
+def preflight(cfg: wl.Pipeline) -> None:
+    """Check config, storage and tracking before anything is written."""
+    wl.preflight(cfg, _ctx())
+
+
+@task(name="prepare_data", tags=["tunepipe", "data"], retries=3, retry_delay_seconds=exponential_backoff(10),
+      timeout_seconds=3600, cache_key_fn=_prepare_key, persist_result=True, **COMMON)
+def prepare_data(cfg: wl.Pipeline) -> DataVersion:
+    version = wl.prepare(cfg, _ctx())
+    create_table_artifact(key=f"{cfg.workload}-data-report", table=version.report_rows(),
+                          description=f"Validation report of data version {version.version}")
+    get_run_logger().info("data version %s at %s: %s", version.version, version.uri, version.rows)
+    return version
+
+
+@task(name="tune", tags=["tunepipe", "ray-tune"], retries=2, retry_delay_seconds=exponential_backoff(10),
+      timeout_seconds=6 * 3600, cache_key_fn=_tune_key, persist_result=True, **COMMON)
+def tune(cfg: wl.Pipeline, version: DataVersion) -> TuningResult:
+    logger = get_run_logger()
+    artifact = create_progress_artifact(0.0, key=f"{cfg.workload}-tuning-progress",
+                                        description=f"trials finished of {cfg.tune.num_samples}")
+
+    def progress(event: dict[str, Any]) -> None:
+        logger.info("trials %d/%d done, best %s=%s", event["done"], event["total"], event["metric"], event["best"])
+        update_progress_artifact(artifact, min(100.0, 100.0 * event["done"] / max(1, event["total"])))
+
+    result = wl.tune(cfg, _ctx(), version, progress=progress)
+    update_progress_artifact(artifact, 100.0)
+    create_table_artifact(key=f"{cfg.workload}-leaderboard", table=result.leaderboard_rows(),
+                          description=f"Ray Tune leaderboard of {result.experiment_uri}")
+    logger.info("tuning %s: %d trials, best %s=%.4f, resumed=%s", result.experiment_uri, result.num_trials,
+                result.metric, result.best_metric, result.resumed)
+    return result
+
+
+@task(name="retrain_best", tags=["tunepipe", "retrain"], retries=2, retry_delay_seconds=exponential_backoff(10),
+      timeout_seconds=3 * 3600, cache_key_fn=_retrain_key, persist_result=True, **COMMON)
+def retrain_best(cfg: wl.Pipeline, version: DataVersion, tuning: TuningResult) -> RetrainResult:
+    result = wl.retrain(cfg, _ctx(), version, tuning)
+    get_run_logger().info("retrained: test %s, default %s", result.test_metrics, result.baseline_test_metrics)
+    return result
+
+
+@task(name="evaluate_and_register", tags=["tunepipe", "registry"], retries=3,
+      retry_delay_seconds=exponential_backoff(10), timeout_seconds=1800, **COMMON)
+def evaluate_and_register(cfg: wl.Pipeline, version: DataVersion, tuning: TuningResult,
+                          retrained: RetrainResult) -> RegistryResult:
+    result = wl.register(cfg, _ctx(), version, tuning, retrained)
+    get_run_logger().info("registry %s v%s: %s", result.model_name, result.version, result.decision)
+    return result
+
+
+@task(name="report", tags=["tunepipe", "report"], retries=2, retry_delay_seconds=5, timeout_seconds=600, **COMMON)
+def report(cfg: wl.Pipeline, version: DataVersion, tuning: TuningResult, retrained: RetrainResult,
+           registry: RegistryResult) -> dict[str, Any]:
+    summary = wl.summary(cfg, version, tuning, retrained, registry, _ctx())
+    create_markdown_artifact(key=f"{cfg.workload}-report", markdown=wl.report_markdown(summary),
+                             description="tunepipe run report")
+    return summary
+
+
+@task(name="champion_config", tags=["tunepipe", "registry"], retries=2, retry_delay_seconds=5, **COMMON)
+def champion_config(cfg: wl.Pipeline) -> list[dict[str, Any]] | None:
+    return wl.champion_warm_start(cfg, _ctx())

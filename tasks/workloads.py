@@ -1,0 +1,358 @@
+"""Workload glue: how each workload's stages call tuning_core and infra.
+
+Plain functions (no Prefect here) so the Prefect tasks in ``tasks.stages`` stay a call or two,
+and so tests and benchmarks can run a stage body without an orchestrator. Both workloads
+expose the same interface, which is what lets one DAG serve them all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from infra import models as mlmodels
+from infra.ray_cluster import ray_session
+from infra.settings import Settings
+from infra.storage import Storage, build_storage, filesystem_for
+from infra.tracking import TAG_STAGE, Tracker
+from tuning_core.config import FASHION_SPACE, FLIGHTS_SPACE, FashionPipeline, FlightsPipeline, config_hash
+from tuning_core.results import DataVersion, RegistryResult, RetrainResult, TuningResult
+from tuning_core.runner import experiment_name, run_tuning, validate
+
+log = logging.getLogger(__name__)
+
+Pipeline = FlightsPipeline | FashionPipeline
+
+# Extra listeners for tuning progress events (the CLI's progress bar registers one).
+PROGRESS_LISTENERS: list[Callable[[dict[str, Any]], None]] = []
+
+
+@dataclass
+class Context:
+    """Settings and the clients built from them for one stage."""
+
+    settings: Settings
+    storage: Storage
+
+    @classmethod
+    def build(cls, settings: Settings) -> Context:
+        return cls(settings=settings, storage=build_storage(settings))
+
+    def tracker(self) -> Tracker:
+        return Tracker(self.settings, self.storage)
+
+
+def tune_config_hash(cfg: Pipeline) -> str:
+    """Hash of what determines the tuning experiment (not the registry options)."""
+    return config_hash(cfg.tune)
+
+
+def experiment_for(cfg: Pipeline, version: DataVersion) -> str:
+    """Same data + same tuning config (warm-start points included) → same, resumable experiment."""
+    return experiment_name(cfg.workload, version.version, tune_config_hash(cfg), cfg.run_id)
+
+
+def with_warm_start(cfg: Pipeline, warm_start: list[dict[str, Any]] | None) -> Pipeline:
+    """The config with the champion's config tried first (``points_to_evaluate``)."""
+    if not warm_start:
+        return cfg
+    space = cfg.tune.space or (FLIGHTS_SPACE if cfg.workload == "flights" else FASHION_SPACE)
+    keep = [{k: v for k, v in p.items() if k in space and not isinstance(space[k], (str, int, float, bool))}
+            for p in warm_start]
+    points = [*keep, *(cfg.tune.points_to_evaluate or [])]
+    return cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"points_to_evaluate": points})})
+
+
+def mlflow_experiment(cfg: Pipeline) -> str:
+    return f"tunepipe-{cfg.workload}"
+
+
+def preflight(cfg: Pipeline, ctx: Context) -> None:
+    """Everything that can be checked before a byte is written: space, names, tracking, storage."""
+    space = cfg.tune.space or (FLIGHTS_SPACE if cfg.workload == "flights" else FASHION_SPACE)
+    validate(cfg.tune, space)
+    ctx.tracker().check()
+
+
+# --------------------------------------------------------------------------- prepare
+def prepare(cfg: Pipeline, ctx: Context) -> DataVersion:
+    if cfg.workload == "flights":
+        from tuning_core.data import flights
+
+        src_fs, src_path = filesystem_for(cfg.data.source, ctx.settings) if cfg.data.source else (None, None)
+        return flights.prepare(cfg.data, src_fs, src_path, ctx.storage.fs, ctx.storage.root)
+    from tuning_core.data import idx
+
+    src_fs, src_path = filesystem_for(cfg.data.source, ctx.settings)
+    return idx.prepare(cfg.data, src_fs, src_path, ctx.storage.fs, ctx.storage.root)
+
+
+def _load(cfg: Pipeline, ctx: Context, version: DataVersion, split: str) -> Any:
+    if cfg.workload == "flights":
+        from tuning_core.data import flights
+
+        return flights.load_split(ctx.storage.fs, version.path, split)
+    from tuning_core.data import idx
+
+    return idx.load_split(ctx.storage.fs, version.path, split)
+
+
+# --------------------------------------------------------------------------- tune
+def tune(cfg: Pipeline, ctx: Context, version: DataVersion,
+         progress: Callable[[dict[str, Any]], None] | None = None) -> TuningResult:
+    """Run or resume the Ray Tune experiment, then log one MLflow child run per trial."""
+    if cfg.workload == "flights":
+        from tuning_core.trainables.xgboost import train_xgboost as trainable
+
+        space = cfg.tune.space or FLIGHTS_SPACE
+    else:
+        from tuning_core.trainables.torch import train_fashion as trainable
+
+        space = cfg.tune.space or FASHION_SPACE
+    tune_cfg = cfg.tune
+    data = {"train": _load(cfg, ctx, version, "train"), "valid": _load(cfg, ctx, version, "valid")}
+    name = experiment_for(cfg, version)
+    tracker = ctx.tracker()
+    parent = parent_run(cfg, ctx, version, name, tracker)
+    def fan_out(event: dict[str, Any]) -> None:
+        for listener in [progress, *PROGRESS_LISTENERS]:
+            if listener is not None:
+                listener(event)
+
+    with ray_session(ctx.settings, ctx.storage):
+        result = run_tuning(trainable, data, space, tune_cfg, ctx.storage.fs, ctx.storage.path("ray"), name,
+                            progress=fan_out, uri_prefix="s3://" if ctx.storage.is_s3 else "")
+    mutated = []
+    if tune_cfg.scheduler == "pbt":
+        from tuning_core.schedulers import pbt_mutations
+
+        mutated = sorted(pbt_mutations(tune_cfg, space))
+    tracker.log_trials(parent, result, mutated=mutated)
+    tracker.client.log_batch(parent, tags=[])  # touch: keeps the parent's end time after trials
+    return result
+
+
+def parent_run(cfg: Pipeline, ctx: Context, version: DataVersion, name: str, tracker: Tracker) -> str:
+    from prefect.runtime import flow_run  # optional context; empty outside a flow
+
+    tags = {
+        "data_version": version.version, "data_uri": version.uri, "config_hash": config_hash(cfg),
+        "tune_config_hash": tune_config_hash(cfg), "experiment_uri": ctx.storage.to_uri(ctx.storage.path("ray", name)),
+        "workload": cfg.workload,
+    }
+    if flow_run.id:
+        tags["prefect_flow_run_id"] = flow_run.id
+    return tracker.parent_run(mlflow_experiment(cfg), name, tags, run_name=name)
+
+
+# --------------------------------------------------------------------------- retrain
+def _download_checkpoint(ctx: Context, uri: str, dest: Path) -> Path:
+    fs, path = filesystem_for(uri, ctx.settings)
+    pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return dest
+
+
+def retrain(cfg: Pipeline, ctx: Context, version: DataVersion, tuning: TuningResult) -> RetrainResult:
+    """Retrain (or take the winning checkpoint), evaluate against the default model, log everything."""
+    tracker = ctx.tracker()
+    parent = parent_run(cfg, ctx, version, tuning.experiment_name, tracker)
+    run_id, existed = tracker.child_run(parent, TAG_STAGE, "retrain", "retrain")
+    if existed:
+        done = tracker.client.get_run(run_id)
+        if done.info.status == "FINISHED" and "tunepipe.model_uri" in done.data.tags:
+            return _retrain_result(done, tracker)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt_dir = None
+        if tuning.best_checkpoint_uri:
+            ckpt_dir = _download_checkpoint(ctx, tuning.best_checkpoint_uri, Path(tmp, "best_checkpoint"))
+            tracker.log_dir(parent, ckpt_dir, "best_checkpoint")
+        if cfg.workload == "flights":
+            final, model_uri = _retrain_flights(cfg, ctx, version, tuning, ckpt_dir, run_id)
+        else:
+            final, model_uri = _retrain_fashion(cfg, ctx, version, tuning, ckpt_dir, run_id)
+    params = {**{f"best.{k}": v for k, v in tuning.best_config.items()}, "rounds": final.rounds,
+              "source": final.source, "best_trial_id": tuning.best_trial_id}
+    from mlflow.entities import Metric, Param
+
+    metrics = [Metric(f"test_{k}", float(v), 0, 0) for k, v in final.test_metrics.items()]
+    metrics += [Metric(f"baseline_test_{k}", float(v), 0, 0) for k, v in final.baseline_test_metrics.items()]
+    metrics += [Metric(f"uplift_{k}", float(v), 0, 0) for k, v in final.uplift.items()]
+    existing = tracker.client.get_run(run_id).data.params
+    tracker.client.log_batch(run_id, metrics=metrics,
+                             params=[Param(k, str(v)) for k, v in params.items() if k not in existing])
+    board = json.dumps(tuning.leaderboard_rows(), default=str, indent=1).encode()
+    tracker.log_files(run_id, {**final.plots, "leaderboard.json": board})
+    if tuning.curves_png_uri:
+        fs, p = filesystem_for(tuning.curves_png_uri, ctx.settings)
+        with fs.open_input_stream(p) as f:
+            tracker.log_files(run_id, {"learning_curves.png": f.read()})
+    for k, v in {"tunepipe.model_uri": model_uri, "tunepipe.best_config": json.dumps(tuning.best_config),
+                 "tunepipe.checkpoint_uri": tuning.best_checkpoint_uri or "", "data_version": version.version,
+                 "tunepipe.test_metrics": json.dumps(final.test_metrics),
+                 "tunepipe.baseline_test_metrics": json.dumps(final.baseline_test_metrics)}.items():
+        tracker.client.set_tag(run_id, k, v)
+    tracker.finish(run_id)
+    tracker.finish(parent)
+    return _retrain_result(tracker.client.get_run(run_id), tracker)
+
+
+def _retrain_result(run: Any, tracker: Tracker) -> RetrainResult:
+    tags = run.data.tags
+    test = json.loads(tags["tunepipe.test_metrics"])
+    base = json.loads(tags["tunepipe.baseline_test_metrics"])
+    return RetrainResult(mlflow_run_id=run.info.run_id, model_uri=tags["tunepipe.model_uri"], test_metrics=test,
+                         baseline_test_metrics=base, uplift={k: test[k] - base[k] for k in test if k in base},
+                         rounds=int(run.data.params.get("rounds", 0)))
+
+
+def _retrain_flights(cfg: FlightsPipeline, ctx: Context, version: DataVersion, tuning: TuningResult,
+                     ckpt_dir: Path | None, run_id: str) -> tuple[Any, str]:
+    import pandas as pd
+
+    from tuning_core.retrain import retrain_xgboost
+    from tuning_core.trainables.xgboost import LABEL
+
+    train, valid, test = (_load(cfg, ctx, version, s) for s in ("train", "valid", "test"))
+    final = retrain_xgboost(tuning.best_config, tuning.best_iteration, train, valid, test,
+                            retrain=cfg.retrain.retrain, checkpoint_dir=ckpt_dir)
+    features = pd.concat([train, valid], ignore_index=True).drop(columns=[LABEL])
+    categories = {c: [str(x) for x in features[c].cat.categories] for c in features.columns
+                  if isinstance(features[c].dtype, pd.CategoricalDtype)}
+    dataset = mlmodels.dataset_input(pd.concat([train, valid], ignore_index=True), version.uri,
+                                     f"flights-{version.version}", version.version)
+    uri = mlmodels.log_flights_model(run_id, final.model, features.head(50), categories, dataset)
+    return final, uri
+
+
+def _retrain_fashion(cfg: FashionPipeline, ctx: Context, version: DataVersion, tuning: TuningResult,
+                     ckpt_dir: Path | None, run_id: str) -> tuple[Any, str]:
+    from tuning_core.evaluate import confusion_png
+    from tuning_core.retrain import FinalModel
+    from tuning_core.trainables import torch as tt
+
+    (xt, yt), (xv, yv), test = (_load(cfg, ctx, version, s) for s in ("train", "valid", "test"))
+    full = (np.concatenate([xt, xv]), np.concatenate([yt, yv]))
+    epochs = max(1, tuning.best_iteration)
+    if cfg.retrain.retrain:
+        model, source = tt.fit_final(tuning.best_config, full, epochs, seed=cfg.tune.seed), "retrained"
+    else:
+        model, source = tt.load_checkpoint_model(ckpt_dir, tuning.best_config), "checkpoint"
+    # Untuned reference: the default small CNN with plain SGD defaults, same epochs and data.
+    default_cfg = {"model": "cnn", "width": 32, "lr": 0.01, "momentum": 0.9, "batch_size": 64, "weight_decay": 0.0}
+    baseline = tt.fit_final(default_cfg, full, epochs, seed=cfg.tune.seed)
+    tuned_m, base_m = tt.evaluate(model, test), tt.evaluate(baseline, test)
+    cm = tuned_m.pop("confusion")
+    base_m.pop("confusion", None)
+    plots = {"confusion_matrix.png": confusion_png(cm, [str(i) for i in range(10)], "test confusion matrix")}
+    final = FinalModel(model=model, rounds=epochs, test_metrics=tuned_m, baseline_test_metrics=base_m,
+                       plots=plots, source=source, extra={"confusion": cm})
+    dataset = mlmodels.dataset_input_numpy(full[0][:1000], full[1][:1000], version.uri,
+                                           f"fashion-mnist-{version.version}", version.version)
+    uri = mlmodels.log_torch_model(run_id, model, test[0][:5], dataset)
+    return final, uri
+
+
+# --------------------------------------------------------------------------- register
+def score_version(cfg: Pipeline, ctx: Context, version: DataVersion, model_uri: str) -> float:
+    """The registry metric of any registered model on today's test split (champion re-evaluation)."""
+    from tuning_core.evaluate import binary_metrics, multiclass_metrics
+
+    model = mlmodels.load_pyfunc(model_uri)
+    if cfg.workload == "flights":
+        from tuning_core.trainables.xgboost import LABEL
+
+        test = _load(cfg, ctx, version, "test")
+        out = model.predict(test.drop(columns=[LABEL]))
+        metrics = binary_metrics(test[LABEL].to_numpy(), np.asarray(out["delay_probability"]))
+    else:
+        x, y = _load(cfg, ctx, version, "test")
+        logits = np.asarray(model.predict(x))
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        metrics = multiclass_metrics(y, e / e.sum(axis=1, keepdims=True))
+    return float(metrics[cfg.registry.metric])
+
+
+def register(cfg: Pipeline, ctx: Context, version: DataVersion, tuning: TuningResult,
+             retrained: RetrainResult) -> RegistryResult:
+    tracker = ctx.tracker()
+    reg = cfg.registry
+    if reg.metric not in retrained.test_metrics:
+        from tuning_core.errors import ConfigError
+
+        raise ConfigError(f"registry.metric {reg.metric!r}: not a test metric, expected one of "
+                          f"{sorted(retrained.test_metrics)}")
+    value = retrained.test_metrics[reg.metric]
+    tags = {"data_version": version.version, "parent_run": tracker.client.get_run(retrained.mlflow_run_id)
+            .data.tags.get("mlflow.parentRunId", ""), "experiment_uri": tuning.experiment_uri,
+            f"test_{reg.metric}": f"{value:.6f}", "tunepipe.best_config": json.dumps(tuning.best_config),
+            "tunepipe.checkpoint_uri": tuning.best_checkpoint_uri or ""}
+    mv = tracker.register(reg.model_name, retrained.mlflow_run_id, retrained.model_uri, tags)
+    return tracker.gate(reg.model_name, mv, value, reg.metric, reg.mode, reg.promotion_margin,
+                        lambda uri: score_version(cfg, ctx, version, uri), force=reg.force_promote)
+
+
+def champion_warm_start(cfg: Pipeline, ctx: Context) -> list[dict[str, Any]] | None:
+    if not cfg.warm_start_from_champion:
+        return None
+    champ = ctx.tracker().champion_config(cfg.registry.model_name)
+    return [champ] if champ else None
+
+
+# --------------------------------------------------------------------------- report
+def summary(cfg: Pipeline, version: DataVersion, tuning: TuningResult, retrained: RetrainResult,
+            registry: RegistryResult, ctx: Context) -> dict[str, Any]:
+    """The machine-readable summary (``--summary-json``); nothing secret goes in here."""
+    tracker = ctx.tracker()
+    return {
+        "workload": cfg.workload,
+        "data": {"version": version.version, "uri": version.uri, "schema": version.schema_name, "rows": version.rows},
+        "tuning": {"experiment_uri": tuning.experiment_uri, "num_trials": tuning.num_trials, "search": tuning.search,
+                   "scheduler": tuning.scheduler, "best_config": tuning.best_config,
+                   "best_metric": {"name": tuning.metric, "value": tuning.best_metric},
+                   "best_iteration": tuning.best_iteration, "resumed": tuning.resumed,
+                   "wall_time_s": round(tuning.wall_time_s, 2), "leaderboard_uri": tuning.leaderboard_uri},
+        "retrain": {"mlflow_run_id": retrained.mlflow_run_id, "model_uri": retrained.model_uri,
+                    "test_metrics": retrained.test_metrics, "baseline_test_metrics": retrained.baseline_test_metrics,
+                    "uplift": retrained.uplift, "rounds": retrained.rounds,
+                    "run_url": tracker.run_url(retrained.mlflow_run_id)},
+        "registry": {"model_name": registry.model_name, "version": registry.version, "aliases": registry.aliases,
+                     "promoted": registry.promoted, "decision": registry.decision,
+                     "champion_before": registry.champion_before},
+        "mlflow_tracking_uri": tracker.uri,
+    }
+
+
+def report_markdown(s: dict[str, Any]) -> str:
+    t, r, g = s["tuning"], s["retrain"], s["registry"]
+    rows = "\n".join(f"| {k} | {r['test_metrics'][k]:.4f} | {r['baseline_test_metrics'].get(k, float('nan')):.4f} | "
+                     f"{r['uplift'].get(k, float('nan')):+.4f} |" for k in r["test_metrics"])
+    cfg = "\n".join(f"| {k} | {v} |" for k, v in t["best_config"].items())
+    return f"""# tunepipe {s['workload']}: {g['model_name']} v{g['version']}
+
+**Registry decision:** {g['decision']} (aliases: {', '.join(g['aliases']) or 'none'})
+
+| data version | rows | experiment | trials | search + scheduler | best val {t['best_metric']['name']} | resumed |
+|---|---|---|---|---|---|---|
+| `{s['data']['version']}` | {s['data']['rows']} | `{t['experiment_uri']}` | {t['num_trials']} | {t['search']} + {t['scheduler']} | {t['best_metric']['value']:.4f} | {t['resumed']} |
+
+## Test metrics (tuned vs untuned default)
+| metric | tuned | default | uplift |
+|---|---|---|---|
+{rows}
+
+## Best configuration
+| param | value |
+|---|---|
+{cfg}
+
+Links: MLflow run `{r['mlflow_run_id']}` ({r['run_url']}); model `models:/{g['model_name']}/{g['version']}`;
+experiment `{t['experiment_uri']}`.
+"""
