@@ -26,7 +26,7 @@ log = logging.getLogger("tunepipe")
 
 
 def _quiet_env() -> None:
-    for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0",
                  "GIT_PYTHON_REFRESH": "quiet", "PREFECT_LOGGING_EXTRA_LOGGERS": "tuning_core,infra",
                  "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
                  "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}.items():

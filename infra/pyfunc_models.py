@@ -41,7 +41,7 @@ class FlightDelayModel(mlflow.pyfunc.PythonModel):
                 df[col] = pd.to_numeric(df[col], errors="coerce").astype(self.schema["dtypes"][col])
         return df
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    def predict(self, context, model_input, params=None):  # no hints: MLflow would infer a signature from them
         import pandas as pd
         import xgboost as xgb
 

@@ -45,6 +45,27 @@ class Storage:
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *[p.strip("/") for p in parts if p]])
 
+    def instance_id(self) -> str:
+        """A random id stored at the root once; a wiped or different root gets a new one.
+
+        Cache keys include it, so a cached stage result never points into a storage root that
+        no longer holds what the result describes.
+        """
+        import uuid
+
+        marker = self.path(".tunepipe-id")
+        try:
+            with self.fs.open_input_stream(marker) as f:
+                return f.read().decode().strip()
+        except (FileNotFoundError, OSError):
+            pass
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            self.fs.create_dir(self.root, recursive=True)
+        ident = uuid.uuid4().hex
+        with self.fs.open_output_stream(marker) as out:
+            out.write(ident.encode())
+        return ident
+
     def to_uri(self, path: str) -> str:
         """Turn a path inside ``fs`` into the URI that Ray, MLflow and users understand."""
         return f"s3://{path}" if self.is_s3 else path

@@ -45,8 +45,10 @@ def _ctx() -> wl.Context:
 
 
 def _where() -> str:
+    """Where results live: storage root (and its instance id) and tracking URI."""
     s = get_settings()
-    return f"{s.storage}|{s.mlflow_tracking_uri}"
+    ctx = _ctx()
+    return f"{ctx.storage.uri}|{ctx.storage.instance_id()}|{ctx.tracker().uri}"
 
 
 def _source_fingerprint(cfg: wl.Pipeline) -> str | None:

@@ -156,6 +156,7 @@ def parent_run(cfg: Pipeline, ctx: Context, version: DataVersion, name: str, tra
 # --------------------------------------------------------------------------- retrain
 def _download_checkpoint(ctx: Context, uri: str, dest: Path) -> Path:
     fs, path = filesystem_for(uri, ctx.settings)
+    dest.mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return dest
 

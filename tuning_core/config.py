@@ -242,8 +242,10 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     for k, v in overrides.items():
         if v is None:
             continue
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
+        if isinstance(v, dict):
+            v = merge(out[k] if isinstance(out.get(k), dict) else {}, v)
+            if v or k not in out:
+                out[k] = v
         else:
             out[k] = v
     return out
