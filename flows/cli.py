@@ -232,6 +232,60 @@ def prepare_fashion(data: str = typer.Option(..., "--data"), storage: str | None
                            "rows": version.rows}, indent=2))
 
 
+@app.command("score")
+@_guard
+def score(data: str = typer.Option(..., "--data", help="CSV/glob/folder/s3:// prefix of flights to score"),
+          model_name: str = typer.Option("tunepipe-flights", "--model-name"),
+          alias: str = typer.Option("champion", "--alias"), storage: str | None = STORAGE) -> None:
+    """Score flights with a registered model; predictions go under <storage>/predictions/."""
+    from flows.batch_score import batch_score
+
+    _quiet_env()
+    _set_storage(storage)
+    typer.echo(json.dumps(batch_score(data, model_name, alias), indent=2, default=str))
+
+
+@stack_app.command("up")
+@_guard
+def stack_up(ray_head: bool = typer.Option(False, "--ray-head", help="also start a Ray head node")) -> None:
+    """Start S3 (SeaweedFS), MLflow server, Prefect server + worker on 127.0.0.1 (idempotent)."""
+    from infra import stack
+
+    _print_stack(stack.up(ray_head=ray_head))
+    typer.echo("point the pipeline at it:  eval \"$(tunepipe stack env)\"", err=True)
+
+
+@stack_app.command("down")
+@_guard
+def stack_down() -> None:
+    """Stop what `stack up` started (graceful, then forced)."""
+    from infra import stack
+
+    _print_stack(stack.down())
+
+
+@stack_app.command("status")
+@_guard
+def stack_status() -> None:
+    """Show each service, its URL and health."""
+    from infra import stack
+
+    _print_stack(stack.status())
+
+
+@stack_app.command("env")
+@_guard
+def stack_env(show_secrets: bool = typer.Option(False, "--show-secrets")) -> None:
+    """Print `export` lines that point the pipeline at the stack (secrets masked unless asked)."""
+    from infra import stack
+
+    typer.echo(stack.shell_exports(stack.env(show_secrets=show_secrets)))
+
+
+def _print_stack(st: Any) -> None:
+    typer.echo(str(st))
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("TUNEPIPE_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

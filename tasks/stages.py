@@ -9,6 +9,7 @@ flow skips finished stages; the tune stage additionally resumes its Ray experime
 
 from __future__ import annotations
 
+import glob
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,12 @@ def _source_fingerprint(cfg: wl.Pipeline) -> str | None:
     if source.startswith("s3://"):
         return None
     p = Path(source)
-    files = sorted(p.rglob("*")) if p.is_dir() else sorted(Path().glob(source)) if any(
-        c in source for c in "*?[") else [p]
+    if p.is_dir():
+        files = sorted(p.rglob("*"))
+    elif any(c in source for c in "*?["):
+        files = sorted(Path(f) for f in glob.glob(source, recursive=True))
+    else:
+        files = [p]
     stats = [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
     return hashlib.sha256("|".join(stats).encode()).hexdigest()[:16] if stats else None
 

@@ -262,6 +262,25 @@ def _retrain_fashion(cfg: FashionPipeline, ctx: Context, version: DataVersion, t
 
 
 # --------------------------------------------------------------------------- register
+def plain_features(df: Any) -> Any:
+    """Canonical features as a registry consumer sends them: strings and 64-bit numbers.
+
+    The logged model's signature is declared on such plain frames (see infra.models), and MLflow's
+    schema enforcement refuses pandas 'category' columns, so our own callers convert too.
+    """
+    import pandas as pd
+
+    out = df.copy()
+    for c in out.columns:
+        if isinstance(out[c].dtype, pd.CategoricalDtype):
+            out[c] = out[c].astype(str)
+        elif pd.api.types.is_integer_dtype(out[c].dtype):
+            out[c] = out[c].astype("int64")
+        elif pd.api.types.is_float_dtype(out[c].dtype):
+            out[c] = out[c].astype("float64")
+    return out
+
+
 def score_version(cfg: Pipeline, ctx: Context, version: DataVersion, model_uri: str) -> float:
     """The registry metric of any registered model on today's test split (champion re-evaluation)."""
     from tuning_core.evaluate import binary_metrics, multiclass_metrics
@@ -271,7 +290,7 @@ def score_version(cfg: Pipeline, ctx: Context, version: DataVersion, model_uri: 
         from tuning_core.trainables.xgboost import LABEL
 
         test = _load(cfg, ctx, version, "test")
-        out = model.predict(test.drop(columns=[LABEL]))
+        out = model.predict(plain_features(test.drop(columns=[LABEL])))
         metrics = binary_metrics(test[LABEL].to_numpy(), np.asarray(out["delay_probability"]))
     else:
         x, y = _load(cfg, ctx, version, "test")

@@ -1,0 +1,135 @@
+"""The flights flow end to end under Prefect's test harness, with real Ray, MLflow (SQLite) and local storage."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pandas as pd
+import pytest
+
+from tests.conftest import ASA_SAMPLE
+from tuning_core.config import FlightsData, FlightsPipeline, RegistryConfig, TuneConfig
+
+pytestmark = pytest.mark.slow
+
+SUMMARY_KEYS = {
+    "data": {"version", "uri", "schema", "rows"},
+    "tuning": {"experiment_uri", "num_trials", "search", "scheduler", "best_config", "best_metric", "resumed"},
+    "retrain": {"mlflow_run_id", "test_metrics", "baseline_test_metrics"},
+    "registry": {"model_name", "version", "aliases", "promoted"},
+}
+
+
+def small_cfg(num_samples: int = 3, model: str = "flow-test", **tune: object) -> FlightsPipeline:
+    return FlightsPipeline(
+        data=FlightsData(source=str(ASA_SAMPLE), max_rows=6000, split="random"),
+        tune=TuneConfig(num_samples=num_samples, max_iterations=8, checkpoint_every=4, search="random",
+                        scheduler="fifo", max_concurrent_trials=2, **tune),
+        registry=RegistryConfig(model_name=model),
+    )
+
+
+@pytest.fixture
+def env(local_settings, prefect_harness, ray_local):
+    return local_settings
+
+
+def _artifact_keys() -> set[str]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return {a.key for a in client.read_artifacts() if a.key}
+
+
+def test_flow_end_to_end_registers_champion_and_is_idempotent(env):
+    from flows.flights import flights_tuning
+
+    summary = flights_tuning(small_cfg())
+    for section, keys in SUMMARY_KEYS.items():
+        assert keys <= set(summary[section]), section
+    assert summary["workload"] == "flights"
+    assert summary["data"]["schema"] == "asa"
+    assert summary["tuning"]["num_trials"] == 3
+    assert summary["registry"]["aliases"] == ["champion"] and summary["registry"]["promoted"]
+    json.dumps(summary)  # the summary is JSON-serialisable as written by --summary-json
+    assert {"flights-data-report", "flights-leaderboard", "flights-tuning-progress", "flights-report"} <= \
+        _artifact_keys()
+
+    # A registry consumer loads the champion and predicts on canonical features.
+    model = mlflow.pyfunc.load_model("models:/flow-test@champion")
+    from tuning_core.data.flights import load_split
+
+    from infra.storage import build_storage
+
+    storage = build_storage(env)
+    test = load_split(storage.fs, summary["data"]["uri"], "test").drop(columns=["delayed"]).head(20)
+    from tasks.workloads import plain_features
+
+    out = model.predict(plain_features(test))
+    assert len(out) == 20 and out["delay_probability"].between(0, 1).all()
+
+    # Same inputs again: nothing is duplicated, aliases unchanged.
+    again = flights_tuning(small_cfg())
+    client = mlflow.MlflowClient()
+    assert len(client.search_model_versions("name = 'flow-test'")) == 1
+    assert again["registry"]["version"] == summary["registry"]["version"]
+    assert again["registry"]["aliases"] == ["champion"]
+    runs = client.search_runs([client.get_experiment_by_name("tunepipe-flights").experiment_id])
+    trial_runs = [r for r in runs if "tunepipe.trial_id" in r.data.tags]
+    assert len(trial_runs) == 3
+
+
+def test_stage_that_fails_once_is_retried(env, monkeypatch):
+    from flows.flights import flights_tuning
+    from tasks import stages, workloads
+
+    calls = {"n": 0}
+    real = workloads.register
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("registry briefly unavailable")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(workloads, "register", flaky)
+    monkeypatch.setattr(stages, "evaluate_and_register", stages.evaluate_and_register.with_options(
+        retry_delay_seconds=1))
+    summary = flights_tuning(small_cfg(model="flow-retry"))
+    assert calls["n"] == 2
+    assert summary["registry"]["version"] == "1"
+
+
+def test_rerun_after_tune_crash_resumes_instead_of_restarting(env, monkeypatch):
+    """The driver dies mid-experiment (a callback raises): the stage's retry resumes the experiment."""
+    from flows.flights import flights_tuning
+    from tasks import stages, workloads
+
+    crashed = {"done": False}
+
+    def crash_after_two(event):
+        if event["done"] >= 2 and not crashed["done"]:
+            crashed["done"] = True
+            raise RuntimeError("driver crash (injected)")
+
+    monkeypatch.setattr(workloads, "PROGRESS_LISTENERS", [crash_after_two])
+    monkeypatch.setattr(stages, "tune", stages.tune.with_options(retry_delay_seconds=1))
+    summary = flights_tuning(small_cfg(num_samples=5, model="flow-resume", seed=7))
+    assert crashed["done"]
+    assert summary["tuning"]["resumed"] is True
+    assert summary["tuning"]["num_trials"] == 5
+
+
+def test_batch_score_writes_a_prediction_per_row(env, tmp_path):
+    from flows.batch_score import batch_score
+    from flows.flights import flights_tuning
+
+    flights_tuning(small_cfg(model="flow-score"))
+    rows = pd.read_csv(ASA_SAMPLE, nrows=300)
+    src = tmp_path / "to_score.csv"
+    rows.to_csv(src, index=False)
+    result = batch_score(str(src), "flow-score")
+    out = pd.read_parquet(result["output"])
+    assert result["rows"] == len(out) == 300
+    assert out["delay_probability"].between(0, 1).all()
