@@ -29,10 +29,18 @@ def log_flights_model(run_id: str, booster: Any, example: pd.DataFrame, categori
         booster.save_model(str(booster_path))
         schema_path = Path(tmp, "schema.json")
         schema_path.write_text(json.dumps(schema))
-        # Consumers send plain strings for categorical columns; the signature says so.
+        # Consumers send plain strings for categorical columns and pandas' default int64/float64
+        # numbers (a frame from a dict, CSV or JSON); the signature says so. A signature inferred
+        # from the training dtypes (int8, float32) would make MLflow reject such frames, as
+        # int64 -> int32 is not a safe cast. The wrapper casts to the training dtypes itself.
         plain = example.copy()
-        for c in categories:
-            plain[c] = plain[c].astype(str)
+        for c in plain.columns:
+            if c in categories:
+                plain[c] = plain[c].astype(str)
+            elif pd.api.types.is_integer_dtype(plain[c].dtype):
+                plain[c] = plain[c].astype("int64")
+            elif pd.api.types.is_float_dtype(plain[c].dtype):
+                plain[c] = plain[c].astype("float64")
         wrapper = FlightDelayModel()
         with mlflow.start_run(run_id=run_id):
             if dataset is not None:

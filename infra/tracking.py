@@ -20,7 +20,7 @@ from typing import Any
 
 from infra.settings import Settings
 from infra.storage import Storage, mlflow_s3_env, redact
-from tuning_core.errors import ServiceUnavailable, TrackingError
+from tuning_core.errors import ServiceUnavailable
 from tuning_core.results import RegistryResult, TuningResult
 
 log = logging.getLogger(__name__)
@@ -219,10 +219,10 @@ class Tracker:
         tags = {f"tunepipe.challenger_{metric}": f"{challenger_value:.6f}"}
         if champion is None:
             promote, decision, previous = True, "first version: promoted", None
-        elif champion.version == version:
-            promote, decision, previous = True, "already champion", version
+        elif str(champion.version) == str(version):  # MLflow's stores return versions as int
+            promote, decision, previous = True, "already champion", str(version)
         else:
-            previous = champion.version
+            previous = str(champion.version)
             champ_value = evaluate_version(f"models:/{name}/{champion.version}")
             tags[f"tunepipe.champion_{metric}"] = f"{champ_value:.6f}"
             delta = challenger_value - champ_value if mode == "max" else champ_value - challenger_value
@@ -240,7 +240,7 @@ class Tracker:
         if promote:
             self.client.set_registered_model_alias(name, CHAMPION, version)
             try:
-                if self.client.get_model_version_by_alias(name, CHALLENGER).version == version:
+                if str(self.client.get_model_version_by_alias(name, CHALLENGER).version) == str(version):
                     self.client.delete_registered_model_alias(name, CHALLENGER)
             except MlflowException:
                 pass

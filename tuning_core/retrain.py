@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tuning_core.errors import ConfigError
 from tuning_core.evaluate import binary_metrics, confusion, confusion_png, roc_png
 from tuning_core.trainables.xgboost import LABEL, fit_booster, load_booster, split_xy
 
@@ -78,7 +79,9 @@ def retrain_xgboost(best_config: dict[str, Any], best_iteration: int, train: pd.
         source = "retrained"
     else:
         if checkpoint_dir is None:
-            raise ValueError("retrain=False needs the winning trial's checkpoint")
+            # A user-facing condition (e.g. no trial reached a checkpoint), not a bug: one-line error.
+            raise ConfigError("retrain.retrain false: the best trial has no checkpoint to register; "
+                              "set retrain.retrain true or checkpoint more often (tune.checkpoint_every)")
         booster = load_booster(checkpoint_dir)
         rounds = booster.num_boosted_rounds()
         source = "checkpoint"

@@ -1,0 +1,413 @@
+"""MLflow tracking and registry (infra.tracking.Tracker, infra.models): real MLflow on a temp SQLite
+file, S3 artifacts through the moto server, models trained on the real ASA 2008 sample.
+
+A migrated, empty MLflow database is made once per module and copied for each test: creating one
+runs MLflow's schema migrations, which take seconds (tens of seconds on a busy machine).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+import pytest
+
+from tests.conftest import ASA_SAMPLE
+from tuning_core.config import FlightsData
+from tuning_core.data import flights
+from tuning_core.evaluate import binary_metrics
+from tuning_core.results import TrialRecord, TuningResult
+from tuning_core.trainables.xgboost import LABEL, fit_booster
+
+EXPERIMENT = "tunepipe-test"
+SECRET = "testing-secret"  # the moto secret key set by the s3_settings fixture
+
+
+# ----------------------------------------------------------------------------- fixtures
+@dataclass
+class FlightsSample:
+    version: str
+    train: pd.DataFrame
+    test: pd.DataFrame
+    categories: dict[str, list[str]]
+
+    @property
+    def features(self) -> pd.DataFrame:
+        return self.train.drop(columns=[LABEL])
+
+    def consumer_frame(self) -> pd.DataFrame:
+        """The test features as a registry consumer builds them: plain strings and default dtypes."""
+        x = self.test.drop(columns=[LABEL])
+        return pd.DataFrame({c: (x[c].astype(str).tolist() if c in self.categories else x[c].tolist())
+                             for c in x.columns})
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> FlightsSample:
+    root = str(tmp_path_factory.mktemp("data"))
+    fs = pafs.LocalFileSystem()
+    version = flights.prepare(FlightsData(source=str(ASA_SAMPLE), max_rows=5000), None, None, fs, root)
+    train = pd.concat([flights.load_split(fs, version.path, s) for s in ("train", "valid")], ignore_index=True)
+    test = flights.load_split(fs, version.path, "test")
+    categories = {c: [str(v) for v in train[c].cat.categories] for c in flights.CATEGORICAL}
+    return FlightsSample(version.version, train, test, categories)
+
+
+@pytest.fixture(scope="module")
+def boosters(sample) -> dict[str, Any]:
+    """A clearly weaker and a clearly stronger model (one thread: fast on a busy 2-core machine)."""
+    return {"weak": fit_booster({"max_depth": 1, "eta": 0.05}, sample.train, 2, nthread=1),
+            "strong": fit_booster({"max_depth": 4, "eta": 0.2}, sample.train, 40, nthread=1)}
+
+
+@pytest.fixture(scope="module")
+def mlflow_db_template(tmp_path_factory) -> Path:
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments(max_results=1)
+    return path
+
+
+def _use_template(uri: str, template: Path) -> None:
+    shutil.copyfile(template, uri.removeprefix("sqlite:///"))
+
+
+@pytest.fixture
+def tracker(local_settings, mlflow_db_template):
+    from infra.storage import build_storage
+    from infra.tracking import Tracker
+
+    _use_template(local_settings.mlflow_tracking_uri, mlflow_db_template)
+    return Tracker(local_settings, build_storage(local_settings))
+
+
+@pytest.fixture
+def s3_tracker(s3_settings, moto_server, mlflow_db_template, tmp_path, monkeypatch):
+    """A Tracker whose storage root is s3://<moto bucket>/root, with the registry on SQLite."""
+    from infra.settings import Settings, get_settings
+    from infra.storage import build_storage
+    from infra.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _use_template(uri, mlflow_db_template)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # Set here (Tracker only fills it in when absent) so that it is undone after the test.
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", moto_server)
+    get_settings.cache_clear()
+    settings = Settings()
+    assert settings.is_s3 and settings.mlflow_tracking_uri == uri
+    return Tracker(settings, build_storage(settings))
+
+
+# ----------------------------------------------------------------------------- helpers
+def log_model(tracker, sample: FlightsSample, booster, key: str) -> tuple[str, str]:
+    """A retrain-style child run holding a logged flights model: (run_id, model_uri)."""
+    from infra.models import log_flights_model
+    from infra.tracking import TAG_STAGE
+
+    parent = tracker.parent_run(EXPERIMENT, "run-key", {"data_version": sample.version}, run_name="parent")
+    run_id, _ = tracker.child_run(parent, TAG_STAGE, key, key)
+    uri = log_flights_model(run_id, booster, sample.features.head(50), sample.categories)
+    tracker.finish(run_id)
+    return run_id, uri
+
+
+def score(sample: FlightsSample, metric: str = "auc"):
+    """The champion re-evaluation the pipeline does: load any model URI, score today's test split."""
+    import mlflow
+
+    def evaluate(model_uri: str) -> float:
+        out = mlflow.pyfunc.load_model(model_uri).predict(sample.consumer_frame())
+        return binary_metrics(sample.test[LABEL].to_numpy(), out["delay_probability"].to_numpy())[metric]
+
+    return evaluate
+
+
+def registered(tracker, sample, booster, key: str, name: str, metric: str = "auc") -> tuple[str, float]:
+    """Log + register a model; (version, its test ``metric``)."""
+    run_id, uri = log_model(tracker, sample, booster, key)
+    version = tracker.register(name, run_id, uri, {"data_version": sample.version})
+    return version, score(sample, metric)(f"models:/{name}/{version}")
+
+
+def aliases(tracker, name: str) -> dict[str, str]:
+    return {alias: str(v) for alias, v in tracker.client.get_registered_model(name).aliases.items()}
+
+
+# ----------------------------------------------------------------------------- loading by alias
+def test_champion_alias_loads_a_model_that_scores_plain_consumer_frames(tracker, sample, boosters):
+    import mlflow
+    import xgboost as xgb
+
+    run_id, uri = log_model(tracker, sample, boosters["strong"], "retrain")
+    version = tracker.register("flights-delay", run_id, uri, {"data_version": sample.version})
+    result = tracker.gate("flights-delay", version, 0.7, "auc", "max", 0.0, score(sample))
+    assert result.promoted and result.aliases == ["champion"]
+
+    model = mlflow.pyfunc.load_model("models:/flights-delay@champion")
+    frame = sample.consumer_frame()
+    assert frame["carrier"].map(type).eq(str).all() and frame["year"].dtype == "int64"
+    out = model.predict(frame)
+
+    assert list(out.columns) == ["delay_probability", "delayed"]
+    assert len(out) == len(frame)
+    proba = out["delay_probability"].to_numpy()
+    assert np.isfinite(proba).all() and ((proba > 0) & (proba < 1)).all()
+    # Same numbers as the booster on the training encoding: strings map onto the same categories.
+    expected = boosters["strong"].predict(xgb.DMatrix(sample.test.drop(columns=[LABEL]), enable_categorical=True))
+    np.testing.assert_allclose(proba, expected, rtol=1e-5)
+    assert (out["delayed"].to_numpy() == (proba >= 0.5)).all()
+
+
+def test_champion_scores_unseen_airports_and_the_training_dtypes(tracker, sample, boosters):
+    import mlflow
+
+    run_id, uri = log_model(tracker, sample, boosters["strong"], "retrain")
+    version = tracker.register("flights-delay", run_id, uri, {})
+    tracker.gate("flights-delay", version, 0.7, "auc", "max", 0.0, score(sample))
+    model = mlflow.pyfunc.load_model("models:/flights-delay@champion")
+
+    unseen = sample.consumer_frame().head(3)
+    unseen.loc[0, "origin"] = "XYZ"  # an airport the model never saw: treated as missing
+    unseen.loc[1, "flight_number"] = np.nan
+    assert np.isfinite(model.predict(unseen)["delay_probability"]).all()
+    # The canonical training dtypes (int8, float32) with string categories are accepted too.
+    canonical = sample.test.drop(columns=[LABEL]).head(5)
+    for c in sample.categories:
+        canonical[c] = canonical[c].astype(str)
+    assert len(model.predict(canonical)) == 5
+
+
+# ----------------------------------------------------------------------------- champion / challenger
+@pytest.mark.parametrize(("metric", "mode"), [("auc", "max"), ("logloss", "min")])
+def test_better_challenger_becomes_champion_and_tags_explain(tracker, sample, boosters, metric, mode):
+    name = f"flights-{metric}"
+    v1, weak = registered(tracker, sample, boosters["weak"], "weak", name, metric)
+    first = tracker.gate(name, v1, weak, metric, mode, 0.001, score(sample, metric))
+    assert first.promoted and first.champion_before is None and "first version" in first.decision
+
+    v2, strong = registered(tracker, sample, boosters["strong"], "strong", name, metric)
+    result = tracker.gate(name, v2, strong, metric, mode, 0.001, score(sample, metric))
+
+    assert result.promoted and result.champion_before == v1 and result.aliases == ["champion"]
+    assert aliases(tracker, name) == {"champion": v2}
+    tags = tracker.client.get_model_version(name, v2).tags
+    assert tags["tunepipe.decision"] == result.decision and result.decision.startswith("promoted")
+    assert float(tags[f"tunepipe.challenger_{metric}"]) == pytest.approx(strong, abs=1e-6)
+    assert float(tags[f"tunepipe.champion_{metric}"]) == pytest.approx(weak, abs=1e-6)  # re-evaluated today
+    assert tags["tunepipe.previous_champion"] == v1
+    assert tracker.client.get_model_version(name, v1).aliases == []
+
+
+def test_worse_challenger_leaves_champion_and_gets_the_challenger_alias(tracker, sample, boosters):
+    name = "flights-delay"
+    v1, strong = registered(tracker, sample, boosters["strong"], "strong", name)
+    tracker.gate(name, v1, strong, "auc", "max", 0.0, score(sample))
+    v2, weak = registered(tracker, sample, boosters["weak"], "weak", name)
+    assert weak < strong
+
+    result = tracker.gate(name, v2, weak, "auc", "max", 0.0, score(sample))
+
+    assert not result.promoted and result.aliases == ["challenger"] and result.champion_before == v1
+    assert aliases(tracker, name) == {"champion": v1, "challenger": v2}
+    tags = tracker.client.get_model_version(name, v2).tags
+    assert tags["tunepipe.decision"].startswith(f"kept champion v{v1}")
+    assert float(tags["tunepipe.challenger_auc"]) == pytest.approx(weak, abs=1e-6)
+    assert float(tags["tunepipe.champion_auc"]) == pytest.approx(strong, abs=1e-6)
+    assert tags["tunepipe.previous_champion"] == v1
+
+
+def test_margin_keeps_a_slightly_better_challenger_out_until_forced(tracker, sample, boosters):
+    name = "flights-delay"
+    v1, weak = registered(tracker, sample, boosters["weak"], "weak", name)
+    tracker.gate(name, v1, weak, "auc", "max", 0.0, score(sample))
+    v2, strong = registered(tracker, sample, boosters["strong"], "strong", name)
+    delta = strong - weak
+    assert delta > 0
+
+    kept = tracker.gate(name, v2, strong, "auc", "max", delta + 0.01, score(sample))
+    assert not kept.promoted and aliases(tracker, name) == {"champion": v1, "challenger": v2}
+    assert f"< margin {delta + 0.01}" in kept.decision
+
+    forced = tracker.gate(name, v2, strong, "auc", "max", delta + 0.01, score(sample), force=True)
+    assert forced.promoted and forced.decision.startswith("forced promotion")
+    # The forced version leaves the challenger slot: it is the champion now.
+    assert aliases(tracker, name) == {"champion": v2}
+    assert tracker.client.get_model_version(name, v2).tags["tunepipe.decision"] == forced.decision
+
+
+# ----------------------------------------------------------------------------- idempotency
+def test_register_and_gate_again_for_the_same_run_change_nothing(tracker, sample, boosters):
+    name = "flights-delay"
+    run_id, uri = log_model(tracker, sample, boosters["strong"], "retrain")
+    v_first = tracker.register(name, run_id, uri, {"data_version": sample.version})
+    first = tracker.gate(name, v_first, 0.7, "auc", "max", 0.0, score(sample))
+    tags_first = tracker.client.get_model_version(name, v_first).tags
+
+    def never_called(_: str) -> float:
+        raise AssertionError("a decided version must not be re-evaluated")
+
+    v_again = tracker.register(name, run_id, uri, {"data_version": sample.version})
+    again = tracker.gate(name, v_again, 0.1, "auc", "max", 0.0, never_called)
+
+    assert v_again == v_first
+    assert [str(v.version) for v in tracker.client.search_model_versions(f"name = '{name}'")] == [v_first]
+    assert again == first
+    assert aliases(tracker, name) == {"champion": v_first}
+    assert tracker.client.get_model_version(name, v_first).tags == tags_first
+
+
+def test_parent_run_is_found_again_by_its_run_key(tracker):
+    first = tracker.parent_run(EXPERIMENT, "key-1", {"data_version": "a"}, run_name="p")
+    again = tracker.parent_run(EXPERIMENT, "key-1", {"data_version": "a"}, run_name="p")
+    other = tracker.parent_run(EXPERIMENT, "key-2", {}, run_name="p")
+    assert first == again != other
+    exp_id = tracker.client.get_experiment_by_name(EXPERIMENT).experiment_id
+    assert len(tracker.client.search_runs([exp_id])) == 2
+
+
+# ----------------------------------------------------------------------------- trials
+def _trial(trial_id: str, etas: list[float], status: str = "TERMINATED") -> TrialRecord:
+    history = [{"training_iteration": i, "auc": 0.6 + 0.01 * i, "logloss": 0.7 - 0.01 * i,
+                "config/eta": eta, "config/max_depth": 4} for i, eta in enumerate(etas, start=1)]
+    return TrialRecord(trial_id=trial_id, config={"eta": etas[-1], "max_depth": 4, "grow_policy": "depthwise"},
+                       status=status, iterations=len(etas), metric=history[-1]["auc"],
+                       best_metric=max(h["auc"] for h in history), metrics={"auc": history[-1]["auc"]},
+                       time_s=1.0, history=history)
+
+
+def _tuning(trials: list[TrialRecord], resumed: bool) -> TuningResult:
+    best = max(trials, key=lambda t: t.best_metric)
+    return TuningResult(experiment_name="flights-exp", experiment_uri="/tmp/ray/flights-exp", search="random",
+                        scheduler="pbt", metric="auc", mode="max", num_trials=len(trials),
+                        best_trial_id=best.trial_id, best_config=best.config, best_metric=best.best_metric,
+                        best_iteration=best.iterations, best_checkpoint_uri=None, resumed=resumed,
+                        wall_time_s=3.0, trials=trials)
+
+
+def _children(tracker, parent: str) -> dict[str, Any]:
+    from infra.tracking import TAG_TRIAL
+
+    exp_id = tracker.client.get_run(parent).info.experiment_id
+    runs = tracker.client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    ids = [r.data.tags[TAG_TRIAL] for r in runs]
+    assert len(ids) == len(set(ids)), f"duplicate child runs: {ids}"
+    return {r.data.tags[TAG_TRIAL]: r for r in runs}
+
+
+def _steps(tracker, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in tracker.client.get_metric_history(run_id, key))
+
+
+def test_log_trials_of_a_resumed_run_adds_what_is_new_without_duplicates(tracker):
+    parent = tracker.parent_run(EXPERIMENT, "flights-exp", {}, run_name="flights-exp")
+    first = [_trial("t_00000", [0.1, 0.1, 0.2]), _trial("t_00001", [0.3, 0.3], status="ERROR")]
+    assert tracker.log_trials(parent, _tuning(first, resumed=False), mutated=["eta"]) == 2
+
+    # The resumed experiment: t_00000 ran two more iterations, t_00001 is unchanged, t_00002 is new.
+    resumed = [_trial("t_00000", [0.1, 0.1, 0.2, 0.2, 0.05]), first[1], _trial("t_00002", [0.3])]
+    tracker.log_trials(parent, _tuning(resumed, resumed=True), mutated=["eta"])
+
+    runs = _children(tracker, parent)
+    assert sorted(runs) == ["t_00000", "t_00001", "t_00002"]
+    a = runs["t_00000"]
+    assert _steps(tracker, a.info.run_id, "auc") == [(i, pytest.approx(0.6 + 0.01 * i)) for i in range(1, 6)]
+    assert [s for s, _ in _steps(tracker, a.info.run_id, "logloss")] == [1, 2, 3, 4, 5]
+    assert a.data.metrics["training_iteration"] == 5 and a.info.status == "FINISHED"
+    assert a.data.metrics["best_auc"] == pytest.approx(0.65)
+    # PBT mutated eta: its value per iteration is a metric history, the param is the starting value.
+    assert _steps(tracker, a.info.run_id, "hp.eta") == [(1, 0.1), (2, 0.1), (3, 0.2), (4, 0.2), (5, 0.05)]
+    assert a.data.params["eta"] == "0.1"
+    assert a.data.tags["tunepipe.pbt_mutated"] == "eta"
+    assert "hp.max_depth" not in a.data.metrics  # not mutated: a plain param
+    assert a.data.params["max_depth"] == "4" and a.data.params["grow_policy"] == "depthwise"
+    b = runs["t_00001"]
+    assert b.info.status == "FAILED" and b.data.tags["status"] == "ERROR"
+    assert [s for s, _ in _steps(tracker, b.info.run_id, "auc")] == [1, 2]
+    assert [s for s, _ in _steps(tracker, runs["t_00002"].info.run_id, "auc")] == [1]
+
+    # A third identical call (a re-run pipeline) writes nothing new.
+    assert tracker.log_trials(parent, _tuning(resumed, resumed=True), mutated=["eta"]) <= 1  # the failed one
+    again = _children(tracker, parent)
+    assert [s for s, _ in _steps(tracker, again["t_00000"].info.run_id, "auc")] == [1, 2, 3, 4, 5]
+
+
+def test_log_trials_without_pbt_keeps_config_out_of_the_metrics(tracker):
+    parent = tracker.parent_run(EXPERIMENT, "asha-exp", {}, run_name="asha-exp")
+    tracker.log_trials(parent, _tuning([_trial("t_00000", [0.1, 0.1])], resumed=False))
+
+    run = _children(tracker, parent)["t_00000"]
+    assert not [k for k in run.data.metrics if k.startswith("hp.")]
+    assert "tunepipe.pbt_mutated" not in run.data.tags
+    assert run.data.params["eta"] == "0.1"
+
+
+# ----------------------------------------------------------------------------- S3 artifacts, secrets
+def test_s3_storage_root_puts_model_and_plot_artifacts_in_the_bucket(s3_tracker, sample, boosters):
+    import mlflow
+
+    from infra.storage import boto3_client
+
+    bucket = s3_tracker.storage.root.split("/", 1)[0]
+    run_id, uri = log_model(s3_tracker, sample, boosters["strong"], "retrain")
+    s3_tracker.log_files(run_id, {"roc_curve.png": b"\x89PNG\r\n\x1a\nnot-really"})
+    version = s3_tracker.register("flights-delay", run_id, uri, {})
+    s3_tracker.gate("flights-delay", version, 0.7, "auc", "max", 0.0, score(sample))
+
+    location = s3_tracker.client.get_experiment_by_name(EXPERIMENT).artifact_location
+    assert location == f"s3://{bucket}/root/mlflow/{EXPERIMENT}"
+    listed = boto3_client(s3_tracker.settings).list_objects_v2(Bucket=bucket, Prefix=f"root/mlflow/{EXPERIMENT}/")
+    keys = [o["Key"] for o in listed.get("Contents", [])]
+    assert any(k.endswith("/MLmodel") for k in keys), keys
+    assert any(k.endswith("/model.ubj") for k in keys), keys
+    assert any(k.endswith(f"{run_id}/artifacts/roc_curve.png") for k in keys), keys
+    assert not Path(".tunepipe", "mlflow", EXPERIMENT).exists()  # nothing went to a local folder instead
+
+    out = mlflow.pyfunc.load_model("models:/flights-delay@champion").predict(sample.consumer_frame())
+    assert len(out) == len(sample.test)
+
+
+def test_no_secret_reaches_run_params_tags_or_artifacts(s3_tracker, sample, boosters):
+    from infra.storage import boto3_client
+
+    client = s3_tracker.client
+    run_id, uri = log_model(s3_tracker, sample, boosters["weak"], "retrain")
+    parent = client.get_run(run_id).data.tags["mlflow.parentRunId"]
+    s3_tracker.log_trials(parent, _tuning([_trial("t_00000", [0.1, 0.2])], resumed=False), mutated=["eta"])
+    version = s3_tracker.register("flights-delay", run_id, uri, {"data_version": sample.version})
+    s3_tracker.gate("flights-delay", version, 0.6, "auc", "max", 0.0, score(sample))
+
+    exp_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    runs = client.search_runs([exp_id])
+    assert len(runs) == 3  # parent, retrain, one trial
+    texts = [json.dumps([r.data.params, r.data.tags]) for r in runs]
+    mv = client.get_model_version("flights-delay", version)
+    texts.append(json.dumps([mv.tags, mv.source, dict(client.get_registered_model("flights-delay").tags)]))
+    assert not [t for t in texts if SECRET in t]
+    s3 = boto3_client(s3_tracker.settings)
+    bucket = s3_tracker.storage.root.split("/", 1)[0]
+    objects = s3.list_objects_v2(Bucket=bucket, Prefix="root/mlflow/")["Contents"]
+    assert objects
+    leaked = [o["Key"] for o in objects
+              if SECRET.encode() in s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()]
+    assert not leaked
+
+
+def test_check_names_an_unreachable_tracking_server_in_one_line(local_settings, tmp_path):
+    from infra.storage import build_storage
+    from infra.tracking import Tracker
+    from tests.conftest import free_port
+    from tuning_core.errors import ServiceUnavailable
+
+    settings = local_settings.model_copy(update={"mlflow_tracking_uri": f"http://127.0.0.1:{free_port()}"})
+    tracker = Tracker(settings, build_storage(settings))
+    with pytest.raises(ServiceUnavailable, match=r"MLflow tracking URI http://127\.0\.0\.1:\d+: unreachable") as err:
+        tracker.check()
+    assert "\n" not in str(err.value)
