@@ -61,17 +61,23 @@ def _driver_callbacks(cfg: TuneConfig, progress: Progress | None, extra: list[An
         def __getstate__(self) -> dict[str, Any]:
             return {"inner": None}
 
+        def _call(self, hook: str, *args: Any, **kwargs: Any) -> None:
+            fn = getattr(self.inner, hook, None) if self.inner is not None else None
+            if fn is None:
+                return
+            try:
+                fn(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - Ray would mark the trial as errored; observers must not
+                log.warning("tuning callback %s.%s failed", type(self.inner).__name__, hook, exc_info=True)
+
         def on_trial_result(self, *args, **kwargs):
-            if self.inner is not None and hasattr(self.inner, "on_trial_result"):
-                self.inner.on_trial_result(*args, **kwargs)
+            self._call("on_trial_result", *args, **kwargs)
 
         def on_trial_complete(self, *args, **kwargs):
-            if self.inner is not None and hasattr(self.inner, "on_trial_complete"):
-                self.inner.on_trial_complete(*args, **kwargs)
+            self._call("on_trial_complete", *args, **kwargs)
 
         def on_trial_error(self, *args, **kwargs):
-            if self.inner is not None and hasattr(self.inner, "on_trial_error"):
-                self.inner.on_trial_error(*args, **kwargs)
+            self._call("on_trial_error", *args, **kwargs)
 
     class ProgressCallback:
         """Summarise trial progress on the driver (Ray worker logs do not reach Prefect by themselves)."""
@@ -172,7 +178,9 @@ def run_tuning(
             tune_config=tune.TuneConfig(
                 metric=cfg.metric, mode=cfg.mode,
                 search_alg=create_searcher(cfg, param_space), scheduler=create_scheduler(cfg, space),
-                num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent_trials,
+                num_samples=cfg.num_samples,
+                # Searchers get their limit themselves (ConcurrencyLimiter / BasicVariantGenerator).
+                max_concurrent_trials=None,
                 time_budget_s=cfg.time_budget_s, reuse_actors=True,
                 trial_dirname_creator=_trial_dirname,
             ),

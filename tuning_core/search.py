@@ -73,13 +73,12 @@ def _max_concurrent(cfg: TuneConfig) -> int:
 def _random(cfg: TuneConfig, space: dict[str, Any]) -> Any:
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(points_to_evaluate=_points(cfg, space), random_state=cfg.seed)
+    # Ray ignores TuneConfig.max_concurrent_trials for a variant generator: limit it here.
+    return BasicVariantGenerator(points_to_evaluate=_points(cfg, space), random_state=cfg.seed,
+                                 max_concurrent=cfg.max_concurrent_trials or 0)
 
 
-def _grid(cfg: TuneConfig, space: dict[str, Any]) -> Any:
-    from ray.tune.search import BasicVariantGenerator
-
-    return BasicVariantGenerator(points_to_evaluate=_points(cfg, space), random_state=cfg.seed)
+_grid = _random  # the same generator: grid_search domains expand into the full grid
 
 
 def _hyperopt(cfg: TuneConfig, space: dict[str, Any]) -> Any:
