@@ -8,6 +8,7 @@ runs MLflow's schema migrations, which take seconds (tens of seconds on a busy m
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,23 @@ SECRET = "testing-secret"  # the moto secret key set by the s3_settings fixture
 
 
 # ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def _restore_mlflow_uris():
+    """Tracker sets MLflow's process-wide tracking/registry URIs (and their env variables, behind
+    monkeypatch's back); later tests must not inherit this test's throwaway store."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @dataclass
 class FlightsSample:
     version: str
