@@ -8,8 +8,9 @@ optionally a Ray head, each a detached process on 127.0.0.1 whose state lives in
       s3/                      SeaweedFS data and its identities file (mode 0600)
       mlflow/mlflow.db         MLflow backend store (artifacts go to s3://tunepipe/root/mlflow)
       prefect/                 PREFECT_HOME and the Prefect server's SQLite database
-      ray/auth_token           Ray's cluster token (mode 0600); Ray's own temp dir is under /tmp
-                               because its socket paths must stay short
+      ray/auth_token           Ray's cluster token (mode 0600)
+    /tmp/tunepipe-<hash>/      unix sockets and Ray's session folder (paths must stay short);
+                               removed by down()
 
 Data, ports and credentials survive ``down()``/``up()``. ``up()`` is idempotent: services that run
 with the same configuration are kept (same pids); a dead one is started again; one whose
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -67,6 +69,9 @@ _NEEDS = {"mlflow": ("s3",), "worker": ("prefect",)}
 # Services in one stage start side by side, then the stage waits for all of them to be healthy.
 _STAGES = (("s3",), ("mlflow", "prefect", "ray"), ("worker",))
 _ERRORS: dict[str, type[TunepipeError]] = {"s3": StorageError, "mlflow": TrackingError}
+# Prefect's worker stops at once on SIGINT; on SIGTERM it lingers ~15 s. SeaweedFS takes a few
+# seconds on SIGTERM; `ray start --block` drains the node and stops its own children.
+_STOP_SIGNALS = {"worker": signal.SIGINT}
 
 # Every port each service listens on. SeaweedFS's gRPC ports default to "HTTP port + 10000", which
 # overflows for ports from the ephemeral range, so all of them are chosen explicitly.
@@ -142,6 +147,16 @@ class StackStatus:
         return {"state_dir": self.state_dir, "healthy": self.healthy,
                 "services": [asdict(s) for s in self.services]}
 
+    def __str__(self) -> str:
+        """A small table for the CLI: one line per service."""
+        if not self.services:
+            return f"stack {self.state_dir}: not set up"
+        lines = [f"stack {self.state_dir}"]
+        for s in self.services:
+            state = "healthy" if s.healthy else ("UNHEALTHY" if s.pid else "stopped")
+            lines.append(f"  {s.name:<8} {state:<9} pid {s.pid or '-':<8} {s.url or '-'}")
+        return "\n".join(lines)
+
 
 # --------------------------------------------------------------------------------------------------
 # Public functions
@@ -177,16 +192,16 @@ def up(
             started; the one-line message names it and its log file.
     """
     stack = _Stack(_resolve_dir(state_dir))
-    wanted = _wanted(services, ray_head)
+    wanted = _wanted(services)
     with stack.locked():
         stack.load_or_init()
-        if ray_head or "ray" in wanted:
-            wanted.add("ray")
-        elif stack.alive("ray"):
-            wanted.add("ray")  # keep a head a previous `up --ray-head` started
+        if ray_head or stack.alive("ray"):
+            wanted.add("ray")  # asked for, or kept: a head a previous `up --ray-head` started
         stack.assign_ports(ports or {}, keep={s for s in SERVICES if stack.alive(s)},
                            starting=[s for s in wanted if not stack.alive(s)])
-        stack.ray_num_cpus = ray_num_cpus
+        if ray_num_cpus is not None:
+            stack.state["ray_num_cpus"] = int(ray_num_cpus)
+            stack.save()
         for stage in _STAGES:
             names = [s for s in stage if s in wanted]
             started = [name for name in names if stack.ensure_started(name)]
@@ -204,6 +219,8 @@ def down(state_dir: Path | None = None, *, timeout_s: float = 20) -> StackStatus
         TunepipeError: a process survived SIGKILL (names the service).
     """
     stack = _Stack(_resolve_dir(state_dir))
+    if not stack.dir.exists():
+        return StackStatus(state_dir=str(stack.dir))
     with stack.locked():
         stack.load(missing_ok=True)
         stack.stop([s for s in reversed(SERVICES) if stack.record(s)], timeout_s)
@@ -239,6 +256,16 @@ def shell_exports(variables: dict[str, str]) -> str:
         quoted = "'" + str(value).replace("'", "'\"'\"'") + "'"
         lines.append(f"export {key}={quoted}")
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def runtime_dir(state_dir: Path | None = None) -> Path:
+    """The stack's short folder for unix sockets (Ray's session folder, SeaweedFS's sockets).
+
+    Socket paths must stay under 107 characters, which a state folder deep in a project (or a
+    pytest tmp_path) can exceed. Removed once no service of the stack runs.
+    """
+    digest = hashlib.sha1(str(_resolve_dir(state_dir)).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"tunepipe-{digest}"
 
 
 def default_state_dir() -> Path:
@@ -278,7 +305,7 @@ def _resolve_dir(state_dir: Path | str | None) -> Path:
     return Path(state_dir).expanduser().absolute() if state_dir else default_state_dir().absolute()
 
 
-def _wanted(services: Iterable[str] | None, ray_head: bool) -> set[str]:
+def _wanted(services: Iterable[str] | None) -> set[str]:
     names = set(CORE_SERVICES if services is None else services)
     unknown = names - set(SERVICES)
     if unknown:
@@ -298,7 +325,6 @@ class _Launch:
     url: str
     probe: Callable[[], bool]  # cheap check for status()
     ready: Callable[[], bool]  # thorough check while up() waits
-    stop_signal: int = signal.SIGTERM
     prepare: Callable[[], None] | None = None  # writes config files just before the start
 
     def fingerprint(self) -> str:
@@ -312,7 +338,6 @@ class _Stack:
     def __init__(self, state_dir: Path):
         self.dir = state_dir
         self.state: dict[str, Any] = {}
-        self.ray_num_cpus: int | None = None
         self._last_probe_error = ""
 
     # ---- files --------------------------------------------------------------------------------
@@ -357,6 +382,9 @@ class _Stack:
             self.state = {
                 "version": 1,
                 "host": HOST,
+                # Where flow runs of the stack's worker start (relative imports of the project);
+                # fixed here so that an `up` from another folder does not restart the worker.
+                "project_dir": str(Path.cwd()),
                 "ports": {},
                 "s3": {"access_key": "tp" + secrets.token_urlsafe(12), "secret_key": secrets.token_urlsafe(32),
                        "bucket": BUCKET, "region": REGION},
@@ -451,7 +479,7 @@ class _Stack:
     def s3_endpoint(self) -> str:
         return f"http://{HOST}:{self.port('s3')}"
 
-    def client_env(self, show_secrets: bool = False, with_ray: bool | None = None) -> dict[str, str]:
+    def client_env(self, show_secrets: bool = False) -> dict[str, str]:
         s3 = self.state["s3"]
         env = {
             "TUNEPIPE_STORAGE": STORAGE_URI,
@@ -466,7 +494,7 @@ class _Stack:
             env["MLFLOW_TRACKING_URI"] = f"http://{HOST}:{ports['mlflow']}"
         if "prefect" in ports:
             env["PREFECT_API_URL"] = f"http://{HOST}:{ports['prefect']}/api"
-        if (self.alive("ray") if with_ray is None else with_ray) and "ray" in ports:
+        if "ray" in ports and self.alive("ray"):
             env["RAY_ADDRESS"] = f"{HOST}:{ports['ray']}"
             # Ray 2.5x enables token auth for clusters started by `ray start`; clients read the
             # token from this file (a path, not the secret).
@@ -477,7 +505,7 @@ class _Stack:
     def secrets(self) -> list[str]:
         s3 = self.state.get("s3", {})
         values = [s3.get("secret_key"), s3.get("access_key")]
-        token = self.dir / "ray" / "auth_token"
+        token = self.ray_token_file()
         if token.exists():
             values.append(token.read_text().strip())
         return [v for v in values if v]
@@ -489,6 +517,10 @@ class _Stack:
 
     def ray_token_file(self) -> Path:
         return self.dir / "ray" / "auth_token"
+
+    @property
+    def runtime_dir(self) -> Path:
+        return runtime_dir(self.dir)
 
     # ---- services -----------------------------------------------------------------------------
 
@@ -502,6 +534,7 @@ class _Stack:
 
         def prepare() -> None:
             data.mkdir(parents=True, exist_ok=True)
+            self.runtime_dir.mkdir(mode=0o700, exist_ok=True)
             # One identity with the stack's keys; SeaweedFS then refuses anonymous and wrong keys.
             identities = {"identities": [{
                 "name": "tunepipe",
@@ -523,6 +556,9 @@ class _Stack:
             # The admin server starts even with its UI off; pin its ports so two stacks can coexist.
             f"-admin.port={p('weed_admin')}", f"-admin.port.grpc={p('weed_admin_grpc')}", "-admin.ui=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-master.telemetry=false",
+            # Its default, /tmp/seaweedfs-s3-<port>.sock, is left behind after every run.
+            f"-s3.localSocket={self.runtime_dir / 's3.sock'}",
+            f"-filer.localSocket={self.runtime_dir / 'filer.sock'}",
         ]
         url = self.s3_endpoint()
         return _Launch(argv=argv, env={}, cwd=self.dir / "s3", url=url, prepare=prepare,
@@ -613,10 +649,8 @@ class _Stack:
         }
         url = f"http://{HOST}:{health_port}/health"
         # The worker creates the pool (type process, default job template) when it is missing.
-        return _Launch(argv=argv, env=env, cwd=Path.cwd(), url=url,
-                       probe=lambda: _http_ok(url), ready=lambda: _http_ok(url) and self._worker_online(api),
-                       # Prefect's worker shuts down promptly on SIGINT; on SIGTERM it lingers ~15 s.
-                       stop_signal=signal.SIGINT)
+        return _Launch(argv=argv, env=env, cwd=Path(self.state.get("project_dir") or Path.cwd()), url=url,
+                       probe=lambda: _http_ok(url), ready=lambda: _http_ok(url) and self._worker_online(api))
 
     def _worker_online(self, api: str) -> bool:
         pool = _http_json(f"{api}/work_pools/{WORK_POOL}")
@@ -632,6 +666,7 @@ class _Stack:
         token = self.ray_token_file()
 
         def prepare() -> None:
+            self.runtime_dir.mkdir(mode=0o700, exist_ok=True)
             if not token.exists():
                 # Ray would otherwise share ~/.ray/auth_token with every other cluster of this user.
                 _write_private(token, secrets.token_hex(32))
@@ -639,9 +674,9 @@ class _Stack:
         port = self.port("ray")
         from infra.settings import Settings
 
-        cpus = self.ray_num_cpus or Settings().ray_num_cpus or os.cpu_count() or 1
-        # Ray's socket paths (temp_dir/session_*/sockets/...) must stay under 107 characters.
-        temp_dir = Path(tempfile.gettempdir()) / f"tunepipe-ray-{hashlib.sha1(str(self.dir).encode()).hexdigest()[:10]}"
+        # Kept in the state file: a plain `up` must not restart a head started with --num-cpus.
+        cpus = self.state.get("ray_num_cpus") or Settings().ray_num_cpus or os.cpu_count() or 1
+        temp_dir = self.runtime_dir / "ray"
         argv = [
             find_binary("ray"), "start", "--head", "--block", "--node-ip-address", HOST, "--port", str(port),
             "--num-cpus", str(cpus), "--include-dashboard", "false", "--disable-usage-stats",
@@ -747,7 +782,7 @@ class _Stack:
         for name, rec in records.items():
             proc = self.process(name)
             if proc is not None:
-                sig = signal.SIGINT if name == "worker" else signal.SIGTERM
+                sig = _STOP_SIGNALS.get(name, signal.SIGTERM)
                 logger.info("stack %s: stopping pid %d", name, rec["pid"])
                 with contextlib.suppress(psutil.Error):
                     proc.send_signal(sig)
@@ -773,30 +808,39 @@ class _Stack:
                 raise TunepipeError(f"stack service {name}: processes of pid {rec['pid']} survived SIGKILL; "
                                     f"see {self.log_file(name)}")
             self.run_file(name).unlink(missing_ok=True)
+        if not any(self.alive(s) for s in SERVICES):
+            # Sockets and Ray's session folder; data and logs stay in the state folder.
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     # ---- status -------------------------------------------------------------------------------
 
     def status(self, include: Iterable[str] | None = None) -> StackStatus:
-        names = set(include or ())
-        if not names:
-            names = set(CORE_SERVICES) if self.state else set()
+        # The services this stack has (a port chosen) plus any with a run record; a Ray head
+        # counts only while it has a record, since it is optional from one `up` to the next.
+        ports = self.state.get("ports", {})
+        names = set(include or ()) | {s for s in CORE_SERVICES if SERVICE_PORTS[s][0] in ports}
         names |= {s for s in SERVICES if self.record(s)}
         out = []
         for name in (s for s in SERVICES if s in names):
             proc = self.process(name)
-            rec = self.record(name) or {}
-            url = rec.get("url")
             healthy = False
-            if proc is not None and self.state.get("ports"):
+            if proc is not None:
                 try:
-                    launch = self.launch(name)
-                    url = launch.url
-                    healthy = launch.probe()
+                    healthy = self.launch(name).probe()
                 except TunepipeError:
                     healthy = False
-            out.append(ServiceStatus(name=name, pid=proc.pid if proc else None, url=url, healthy=healthy,
-                                     log=str(self.log_file(name))))
+            out.append(ServiceStatus(name=name, pid=proc.pid if proc else None, url=self.url(name),
+                                     healthy=healthy, log=str(self.log_file(name))))
         return StackStatus(state_dir=str(self.dir), services=tuple(out))
+
+    def url(self, name: str) -> str | None:
+        """Where clients reach ``name`` (known once its port is chosen, running or not)."""
+        port = self.state.get("ports", {}).get(SERVICE_PORTS[name][0])
+        if not port:
+            return None
+        return {"s3": f"http://{HOST}:{port}", "mlflow": f"http://{HOST}:{port}",
+                "prefect": f"http://{HOST}:{port}/api", "worker": f"http://{HOST}:{port}/health",
+                "ray": f"{HOST}:{port}"}[name]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -821,6 +865,9 @@ def _write_private(path: Path, text: str) -> None:
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As the servers themselves do: connections of a stopped server in TIME_WAIT do not make
+        # its port unusable, only a live listener does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:
@@ -847,13 +894,15 @@ def _tcp_ok(port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-# Health checks go straight to 127.0.0.1, never through an HTTP(S)_PROXY from the environment.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+@functools.lru_cache(maxsize=1)
+def _opener() -> urllib.request.OpenerDirector:
+    """Health checks go straight to 127.0.0.1, never through an HTTP(S)_PROXY from the environment."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _http_ok(url: str, timeout: float = 2.0) -> bool:
     try:
-        with _OPENER.open(url, timeout=timeout) as resp:
+        with _opener().open(url, timeout=timeout) as resp:
             return 200 <= resp.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False
@@ -863,7 +912,7 @@ def _http_json(url: str, body: dict | None = None, timeout: float = 3.0) -> Any:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
-        with _OPENER.open(req, timeout=timeout) as resp:
+        with _opener().open(req, timeout=timeout) as resp:
             return json.loads(resp.read() or b"null")
     except (urllib.error.URLError, OSError, ValueError):
         return None
