@@ -27,7 +27,9 @@ log = logging.getLogger("tunepipe")
 
 def _quiet_env() -> None:
     for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0",
-                 "GIT_PYTHON_REFRESH": "quiet", "PREFECT_LOGGING_EXTRA_LOGGERS": "tuning_core,infra",
+                 "GIT_PYTHON_REFRESH": "quiet",
+                 # Prefect's ephemeral API can take longer than its 20 s default on a busy machine.
+                 "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_LOGGING_EXTRA_LOGGERS": "tuning_core,infra",
                  "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
                  "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}.items():
         os.environ.setdefault(k, v)
