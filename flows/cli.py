@@ -254,7 +254,7 @@ def stack_up(ray_head: bool = typer.Option(False, "--ray-head", help="also start
     from infra import stack
 
     _print_stack(stack.up(ray_head=ray_head))
-    typer.echo("point the pipeline at it:  eval \"$(tunepipe stack env)\"", err=True)
+    typer.echo("point the pipeline at it:  eval \"$(tunepipe stack env --show-secrets)\"", err=True)
 
 
 @stack_app.command("down")
@@ -289,6 +289,7 @@ def _print_stack(st: Any) -> None:
 
 
 def main() -> None:
+    _quiet_env()  # before anything imports prefect/ray, which read their settings once
     logging.basicConfig(level=os.environ.get("TUNEPIPE_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app()
