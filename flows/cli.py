@@ -79,8 +79,9 @@ def _guard(fn):
             from infra.storage import redact
 
             log.debug("unexpected error", exc_info=True)
-            typer.echo(f"internal error ({type(err).__name__}): {redact(str(err).splitlines()[0] if str(err) else '')}",
-                       err=True)
+            lines = [ln for ln in str(err).splitlines() if ln.strip()]
+            # Multi-line errors (Ray's TuneError carries a traceback) end with the actual message.
+            typer.echo(f"internal error ({type(err).__name__}): {redact(lines[-1].strip() if lines else '')}", err=True)
             raise typer.Exit(1) from None
 
     return wrapper

@@ -186,19 +186,34 @@ class FlightsPipeline(_Frozen):
     warm_start_from_champion: bool = Field(False, description="try the registry champion's config first")
 
 
+FASHION_TUNE = TuneConfig(search="hyperopt", scheduler="asha", metric="mean_accuracy", mode="max", num_samples=4,
+                          max_iterations=5, checkpoint_every=1)
+FASHION_REGISTRY = RegistryConfig(model_name="tunepipe-fashion-mnist", metric="accuracy")
+
+
 class FashionPipeline(_Frozen):
     """The FashionMNIST pipeline's parameters: data → tune → retrain → register."""
 
     workload: Literal["fashion-mnist"] = "fashion-mnist"
     data: FashionData
-    tune: TuneConfig = TuneConfig(
-        search="hyperopt", scheduler="asha", metric="mean_accuracy", mode="max", num_samples=4, max_iterations=5,
-        checkpoint_every=1,
-    )
+    tune: TuneConfig = FASHION_TUNE
     retrain: RetrainConfig = RetrainConfig()
-    registry: RegistryConfig = RegistryConfig(model_name="tunepipe-fashion-mnist", metric="accuracy")
+    registry: RegistryConfig = FASHION_REGISTRY
     run_id: str | None = None
     warm_start_from_champion: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_sections_keep_workload_defaults(cls, data: Any) -> Any:
+        """A partial ``tune``/``registry`` (YAML, CLI, Prefect form) overrides the FashionMNIST defaults,
+        not TuneConfig's generic ones (whose metric is the flights' ``auc``)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key, default in (("tune", FASHION_TUNE), ("registry", FASHION_REGISTRY)):
+            if isinstance(data.get(key), dict):
+                data[key] = {**default.model_dump(), **data[key]}
+        return data
 
 
 def config_hash(cfg: BaseModel) -> str:
