@@ -17,7 +17,6 @@ FASHION_SAMPLE = SHARED_DATA / "fashion-mnist-2k"
 # Quiet, deterministic Ray in tests (no dashboard, no usage stats, no token-auth nagging).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
 os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
@@ -81,13 +80,29 @@ def s3_settings(moto_server, monkeypatch):
     get_settings.cache_clear()
 
 
+@pytest.fixture(scope="session")
+def mlflow_sqlite_template(tmp_path_factory):
+    """An MLflow SQLite database migrated once: creating one takes 5-25 s, copying it milliseconds."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def local_settings(tmp_path, monkeypatch):
+def local_settings(tmp_path, monkeypatch, mlflow_sqlite_template):
+    """Local storage root and MLflow on a fresh SQLite file; MLflow's process-wide URIs restored after."""
+    import shutil
+
     from infra.settings import Settings, get_settings
 
+    shutil.copyfile(mlflow_sqlite_template, tmp_path / "mlflow.db")
     monkeypatch.setenv("TUNEPIPE_STORAGE", str(tmp_path / "store"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    for k in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "RAY_ADDRESS"):
+    # mlflow.set_tracking_uri/set_registry_uri write these; recording them here restores them at teardown.
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    for k in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "RAY_ADDRESS", "MLFLOW_S3_ENDPOINT_URL"):
         monkeypatch.delenv(k, raising=False)
     get_settings.cache_clear()
     yield Settings()
