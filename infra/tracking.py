@@ -58,8 +58,10 @@ class Tracker:
         import mlflow
         from mlflow import MlflowClient
 
-        for k, v in {**_HTTP_DEFAULTS, **mlflow_s3_env(settings)}.items():
+        for k, v in _HTTP_DEFAULTS.items():
             os.environ.setdefault(k, v)
+        # MLflow's S3 client reads its endpoint from the environment only: this tracker's endpoint wins.
+        os.environ.update(mlflow_s3_env(settings))
         self.settings = settings
         self.storage = storage
         self.uri = settings.mlflow_tracking_uri or default_tracking_uri(storage)
