@@ -1,0 +1,206 @@
+"""Run every benchmark, each in its own process, and write the combined results.
+
+    python -m benchmarks.run_all [--only NAME ...] [--skip NAME ...] [--results-dir benchmarks/results]
+
+Writes ``<results-dir>/<YYYY-MM-DD>.json`` (top-level sections ``scheduling``, ``pipeline_overhead``,
+``search_efficiency``, ``data_stage``, ``fashion_mnist``, plus ``environment`` and ``runs``), a
+markdown summary ``<YYYY-MM-DD>.md`` and the plots ``<YYYY-MM-DD>-*.png``. A benchmark whose
+module is missing is skipped; one that fails is recorded with its exit code and the others still
+run (the exit status is then 1). ``make bench`` runs this with the default budgets (about 20
+minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS_DIR, environment, write_json
+
+HERE = Path(__file__).resolve().parent
+# section name → (module, extra arguments; "{png}" is replaced by the plot's path)
+BENCHMARKS: dict[str, tuple[str, list[str]]] = {
+    "scheduling": ("tune_overhead", []),
+    "pipeline_overhead": ("pipeline_overhead", []),
+    "search_efficiency": ("search_efficiency", ["--png", "{png}"]),
+    "data_stage": ("data_stage", []),
+    "fashion_mnist": ("fashion_mnist", []),
+}
+# --quick: tiny budgets that only check the plumbing (the numbers mean nothing).
+QUICK: dict[str, list[str]] = {
+    "scheduling": ["--max-rows", "10000", "--rounds", "10", "--trials", "4"],
+    "pipeline_overhead": ["--max-rows", "10000", "--rounds", "5", "--trials", "2"],
+    "search_efficiency": ["--max-rows", "10000", "--rounds", "5", "--trials", "6", "--seeds", "1"],
+    "data_stage": ["--rows", "100000"],
+}
+
+
+def run_one(section: str, module: str, args: list[str], out_dir: Path, stamp: str) -> tuple[dict[str, Any], dict]:
+    """Run ``python -m benchmarks.<module> --out FILE``; returns (its section, run info)."""
+    png = out_dir / f"{stamp}-{section.replace('_', '-')}.png"
+    argv = [a.replace("{png}", str(png)) for a in args]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / f"{section}.json"
+        cmd = [sys.executable, "-m", f"benchmarks.{module}", "--out", str(out), *argv]
+        shown = " ".join(["python", "-m", f"benchmarks.{module}", *argv]).replace(str(out_dir), _rel(out_dir))
+        print(f"\n=== {section}: {shown}", flush=True)
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, cwd=HERE.parent)
+        wall = time.perf_counter() - t0
+        info: dict[str, Any] = {"command": shown, "wall_s": round(wall, 1), "exit_code": done.returncode}
+        if done.returncode != 0 or not out.exists():
+            print(f"=== {section}: FAILED (exit code {done.returncode})", flush=True)
+            return {"error": f"exit code {done.returncode}", "command": shown}, info
+        data = json.loads(out.read_text())
+    print(f"=== {section}: done in {wall:.0f} s", flush=True)
+    if png.exists():
+        info["png"] = png.name
+    return data.get(section, data), info
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(HERE.parent))
+    except ValueError:
+        return str(p)
+
+
+# --------------------------------------------------------------------------- markdown
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "**no**"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _headline(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(benchmark, measure, value, target/met) rows for the summary table."""
+    rows: list[tuple[str, str, str, str]] = []
+    s = results.get("scheduling") or {}
+    if "ray" in s:
+        ray = s["ray"]
+        rows.append(("scheduling", f"Ray Tune wall / (Σ trial time / {s['config']['max_concurrent_trials']}), "
+                     f"{s['config']['trials']} trials HyperOpt+ASHA", _fmt(ray["ratio"]),
+                     f"≤ {ray['target']}: {_fmt(ray['meets_target'])}"))
+        rows.append(("scheduling", "wall of tuning stage / Σ trial time (s)",
+                     f"{ray['wall_s']} / {ray['sum_trial_s']}", ""))
+        if "fmin" in s:
+            rows.append(("scheduling", f"Ray Tune (2 CPUs, ASHA) / hyperopt fmin (1 CPU, no early stop) wall "
+                         f"({ray['wall_s']} s / {s['fmin']['wall_s']} s)", _fmt(s["ray_over_fmin"]), ""))
+    p = results.get("pipeline_overhead") or {}
+    if "ratio" in p:
+        rows.append(("pipeline_overhead", f"Prefect flow / bare Ray Tune wall ({p['pipeline']['wall_s']} s / "
+                     f"{p['bare']['wall_s']} s, {p['config']['trials']} trials)", _fmt(p["ratio"]),
+                     f"≤ {p['target']}: {_fmt(p['meets_target'])}"))
+        rows.append(("pipeline_overhead", "fixed start-up (Prefect ephemeral API + MLflow store) (s)",
+                     _fmt(p["startup"]["fixed_startup_s"]), ""))
+    e = results.get("search_efficiency") or {}
+    if "methods" in e:
+        t = e["targets"]
+        frac, up = t["hyperopt_asha_cpu_fraction_of_random"], t["hyperopt_asha_uplift_test_auc"]
+        rows.append(("search_efficiency", "HyperOpt+ASHA CPU-s to match random+FIFO's final AUC / random's CPU-s",
+                     _fmt(frac["value"]), f"≤ {frac['target']}: {_fmt(frac['met'])}"))
+        rows.append(("search_efficiency", "HyperOpt+ASHA test AUC uplift over default XGBoost", _fmt(up["value"]),
+                     f"≥ {up['target']}: {_fmt(up['met'])}"))
+    d = results.get("data_stage") or {}
+    for k, v in (d.get("ratios") or {}).items():
+        rows.append(("data_stage", k, _fmt(v), ""))
+    f = results.get("fashion_mnist") or {}
+    for k, v in (f.get("ratios") or {}).items() if isinstance(f.get("ratios"), dict) else []:
+        rows.append(("fashion_mnist", k, _fmt(v), ""))
+    for name, sec in results.items():
+        if isinstance(sec, dict) and "error" in sec:
+            rows.append((name, "FAILED", sec["error"], ""))
+    return rows
+
+
+def markdown(results: dict[str, Any], stamp: str) -> str:
+    env = results.get("environment", {})
+    lines = [f"# tunepipe benchmarks, {stamp}", "",
+             f"{env.get('cpus')} CPUs ({env.get('processor')}), Python {env.get('python')}, "
+             + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
+             + f"; load average before/after: {env.get('loadavg_before')} / {env.get('loadavg_after')}.", "",
+             "| benchmark | measure | value | target |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _headline(results)]
+    e = results.get("search_efficiency") or {}
+    if "methods" in e:
+        c = e["config"]
+        lines += ["", f"## Search efficiency ({c['trials']} trials x {c['rounds']} rounds, {c['seeds']} seeds, "
+                  f"{c['max_rows']} earliest flights, time split; medians over seeds)", "",
+                  f"Default XGBoost test AUC: {e['default_xgboost_test_auc']}.", "",
+                  "| method | best valid AUC | test AUC (retrained) | uplift | CPU-s | wall-s | reached random's "
+                  "final | CPU-s to reach / random's CPU-s |", "|---|---|---|---|---|---|---|---|"]
+        for m, s in e["methods"].items():
+            lines.append(f"| {m} | {_fmt(s['median_best_valid_auc'])} | {_fmt(s['median_test_auc'])} | "
+                         f"{s['median_uplift_test_auc']:+.4f} | {_fmt(s['median_cpu_s'])} | {_fmt(s['median_wall_s'])} "
+                         f"| {s['reached_random_final']} | {_fmt(s['median_cpu_to_reach_random_fraction'])} |")
+        for run in results.get("runs", {}).values():
+            if run.get("png"):
+                lines += ["", f"![AUC vs CPU-seconds]({run['png']})"]
+    p = results.get("pipeline_overhead") or {}
+    if "pipeline" in p:
+        lines += ["", "## Pipeline overhead", "",
+                  "| part | seconds |", "|---|---|",
+                  f"| empty flow, cold (starts Prefect's ephemeral API) | {p['startup']['empty_flow_cold_s']} |",
+                  f"| empty flow, warm | {p['startup']['empty_flow_warm_s']} |",
+                  *(f"| MLflow store creation | {p['startup']['mlflow_store_init_s']} |"
+                    for _ in [0] if "mlflow_store_init_s" in p["startup"]),
+                  f"| pipeline wall (API up) | {p['pipeline']['wall_s']} |",
+                  *(f"| &nbsp; task {k} | {v} |" for k, v in p["pipeline"]["tasks_s"].items()),
+                  f"| bare Ray Tune (ray.init + run_tuning) | {p['bare']['wall_s']} |"]
+    lines += ["", "## Commands", ""]
+    lines += [f"- `{run['command']}` ({run['wall_s']} s, exit {run['exit_code']})"
+              for run in results.get("runs", {}).values()]
+    lines += ["", "Full results: the JSON file of the same name."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="*", choices=list(BENCHMARKS), help="run only these sections")
+    p.add_argument("--skip", nargs="*", default=[], choices=list(BENCHMARKS), help="skip these sections")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--date", default=dt.date.today().isoformat(), help="file stem (default: today)")
+    p.add_argument("--quick", action="store_true", help="tiny budgets: checks the plumbing, numbers mean nothing")
+    a = p.parse_args(argv)
+    a.results_dir.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    env["loadavg_before"] = env.pop("loadavg_1_5_15")
+    results: dict[str, Any] = {"date": a.date, "quick": a.quick, "environment": env, "runs": {}}
+    failed = False
+    started = time.perf_counter()
+    for section, (module, args) in BENCHMARKS.items():
+        if (a.only and section not in a.only) or section in a.skip:
+            continue
+        if not (HERE / f"{module}.py").exists():
+            print(f"\n=== {section}: benchmarks/{module}.py not present, skipped", flush=True)
+            results[section] = {"skipped": f"benchmarks/{module}.py not present"}
+            continue
+        extra = QUICK.get(section, []) if a.quick else []
+        results[section], info = run_one(section, module, [*args, *extra], a.results_dir, a.date)
+        results["runs"][section] = info
+        failed |= info["exit_code"] != 0
+    results["environment"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    results["total_wall_s"] = round(time.perf_counter() - started, 1)
+    json_path = a.results_dir / f"{a.date}.json"
+    md_path = a.results_dir / f"{a.date}.md"
+    write_json(json_path, results)
+    md_path.write_text(markdown(results, a.date))
+    print(f"\nwrote {_rel(json_path)} and {_rel(md_path)} (total {results['total_wall_s']} s)")
+    print(markdown(results, a.date))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
