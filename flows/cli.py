@@ -29,7 +29,8 @@ def _quiet_env() -> None:
     for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0",
                  "GIT_PYTHON_REFRESH": "quiet",
                  # Prefect's ephemeral API can take longer than its 20 s default on a busy machine.
-                 "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_LOGGING_EXTRA_LOGGERS": "tuning_core,infra",
+                 "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+                 "PREFECT_LOGGING_EXTRA_LOGGERS": "tuning_core,infra",
                  "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
                  "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}.items():
         os.environ.setdefault(k, v)
@@ -93,7 +94,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
     t, r, g = summary["tuning"], summary["retrain"], summary["registry"]
     table = Table(title=f"tunepipe {summary['workload']}", show_header=False)
-    table.add_row("data version", f"{summary['data']['version']} ({summary['data']['schema']}) {summary['data']['rows']}")
+    d = summary["data"]
+    table.add_row("data version", f"{d['version']} ({d['schema']}) {d['rows']}")
     table.add_row("experiment", f"{t['experiment_uri']} ({t['num_trials']} trials, resumed={t['resumed']})")
     table.add_row("search", f"{t['search']} + {t['scheduler']}")
     table.add_row(f"best valid {t['best_metric']['name']}", f"{t['best_metric']['value']:.4f}")

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import get_run_logger
@@ -21,7 +21,7 @@ def rename_run(cfg: Pipeline, version: str) -> None:
         return
     from prefect.client.orchestration import get_client
 
-    name = f"{cfg.workload}-{version[:10]}-{datetime.now(timezone.utc):%Y%m%d-%H%M}"
+    name = f"{cfg.workload}-{version[:10]}-{datetime.now(UTC):%Y%m%d-%H%M}"
     with get_client(sync_client=True) as client:
         client.update_flow_run(flow_run.id, name=name)
 

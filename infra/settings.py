@@ -27,7 +27,9 @@ class Settings(BaseSettings):
     aws_secret_access_key: SecretStr | None = Field(
         None, validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key")
     )
-    aws_region: str = Field("us-east-1", validation_alias=AliasChoices("AWS_DEFAULT_REGION", "AWS_REGION", "aws_region"))
+    aws_region: str = Field(
+        "us-east-1", validation_alias=AliasChoices("AWS_DEFAULT_REGION", "AWS_REGION", "aws_region")
+    )
     ray_address: str | None = Field(None, validation_alias=AliasChoices("RAY_ADDRESS", "ray_address"))
     ray_num_cpus: int | None = Field(None, validation_alias=AliasChoices("TUNEPIPE_RAY_NUM_CPUS", "ray_num_cpus"))
     prefect_api_url: str | None = Field(None, validation_alias=AliasChoices("PREFECT_API_URL", "prefect_api_url"))

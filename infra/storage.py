@@ -150,7 +150,8 @@ def check_bucket(fs: pafs.FileSystem, bucket: str, uri: str) -> None:
         info = fs.get_file_info(bucket)
     except OSError as err:
         text = _short(err)
-        if any(s in text for s in ("AccessDenied", "ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")):
+        denied = ("AccessDenied", "ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")
+        if any(s in text for s in denied):
             raise StorageError(f"storage {uri}: access to bucket {bucket!r} denied; check the S3 credentials "
                                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)") from None
         raise ServiceUnavailable(f"storage {uri}: cannot reach bucket {bucket!r} ({text})") from None

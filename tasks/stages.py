@@ -47,7 +47,6 @@ def _ctx() -> wl.Context:
 
 def _where() -> str:
     """Where results live: storage root (and its instance id) and tracking URI."""
-    s = get_settings()
     ctx = _ctx()
     return f"{ctx.storage.uri}|{ctx.storage.instance_id()}|{ctx.tracker().uri}"
 
@@ -74,7 +73,9 @@ def _source_fingerprint(cfg: wl.Pipeline) -> str | None:
 
 def _prepare_key(ctx, params: dict[str, Any]) -> str | None:
     fp = _source_fingerprint(params["cfg"])
-    return None if fp is None else f"prepare-{config_hash(params['cfg'].data)}-{fp}-{hashlib.sha1(_where().encode()).hexdigest()[:10]}"
+    if fp is None:
+        return None
+    return f"prepare-{config_hash(params['cfg'].data)}-{fp}-{hashlib.sha1(_where().encode()).hexdigest()[:10]}"
 
 
 def _tune_key(ctx, params: dict[str, Any]) -> str:

@@ -76,10 +76,24 @@ def mlflow_experiment(cfg: Pipeline) -> str:
 
 
 def preflight(cfg: Pipeline, ctx: Context) -> None:
-    """Everything that can be checked before a byte is written: space, names, tracking, storage."""
+    """Everything that can be checked before a byte is written: space, names, data source, tracking, storage."""
     space = cfg.tune.space or (FLIGHTS_SPACE if cfg.workload == "flights" else FASHION_SPACE)
     validate(cfg.tune, space)
+    check_data(cfg, ctx)
     ctx.tracker().check()
+
+
+def check_data(cfg: Pipeline, ctx: Context) -> None:
+    """Cheap checks of the data source (paths, archives, headers), so bad input fails before Prefect or Ray start."""
+    if cfg.workload == "flights":
+        from tuning_core.data import flights
+
+        src_fs, src_path = filesystem_for(cfg.data.source, ctx.settings) if cfg.data.source else (None, None)
+        flights.check_source(cfg.data, src_fs, src_path)
+        return
+    from tuning_core.data import idx
+
+    idx.check_source(*filesystem_for(cfg.data.source, ctx.settings))
 
 
 # --------------------------------------------------------------------------- prepare

@@ -58,9 +58,8 @@ def test_flow_end_to_end_registers_champion_and_is_idempotent(env):
 
     # A registry consumer loads the champion and predicts on canonical features.
     model = mlflow.pyfunc.load_model("models:/flow-test@champion")
-    from tuning_core.data.flights import load_split
-
     from infra.storage import build_storage
+    from tuning_core.data.flights import load_split
 
     storage = build_storage(env)
     test = load_split(storage.fs, summary["data"]["uri"], "test").drop(columns=["delayed"]).head(20)
@@ -137,7 +136,8 @@ def test_rerun_after_driver_sigkill_resumes_instead_of_restarting(env, tmp_path)
         while len(_finished_trials(store)) < 2 and time.monotonic() < deadline and child.poll() is None:
             time.sleep(0.5)
         before = _finished_trials(store)
-        assert len(before) >= 2, f"child did not finish two trials in time: {(tmp_path / 'child.log').read_text()[-2000:]}"
+        log_tail = (tmp_path / "child.log").read_text()[-2000:]
+        assert len(before) >= 2, f"child did not finish two trials in time: {log_tail}"
         assert len(before) < 6, "child finished everything before the kill"
     finally:
         if child.poll() is None:
