@@ -230,7 +230,7 @@ def _collect(grid: Any, cfg: TuneConfig, name: str, exp_uri: str, resumed: bool,
             metric=_num(metrics.get(cfg.metric)), best_metric=better(values) if values else None,
             metrics={k: float(v) for k, v in metrics.items()
                      if k in ("auc", "logloss", "error", "mean_accuracy", "loss", "train_loss") and _num(v) is not None},
-            time_s=float(metrics.get("time_total_s", 0.0)), node_id=metrics.get("node_ip"),
+            time_s=float(metrics.get("time_total_s", 0.0)), node_id=metrics.get("node_id") or metrics.get("node_ip"),
             checkpoint_uri=(("s3://" if exp_uri.startswith("s3://") else "") + ckpt.path) if ckpt else None,
             history=history,
         ))

@@ -56,9 +56,15 @@ def report(
     checkpoint_every: int,
     save: Callable[[Path], None],
 ) -> None:
-    """Report ``metrics`` for ``iteration`` (1-based); checkpoint on cadence and at the end."""
+    """Report ``metrics`` for ``iteration`` (1-based); checkpoint on cadence and at the end.
+
+    The Ray node id goes along as ``node_id``: Ray's own ``node_ip`` cannot tell apart nodes that
+    share an address (several nodes on one machine, or containers behind one host IP).
+    """
+    import ray
     from ray import tune
 
+    metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
     if iteration % checkpoint_every == 0 or iteration >= last_iteration:
         with tempfile.TemporaryDirectory() as tmp:
             save(Path(tmp))
