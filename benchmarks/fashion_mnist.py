@@ -2,14 +2,16 @@
 
     python -m benchmarks.fashion_mnist [--data DIR] [--out FILE.json]
 
-Default (CPU, about 4-5 minutes on 2 cores): the real 2k sample (``../shared/data/fashion-mnist-2k``,
-1,360 train / 240 valid / 400 test images after the pipeline's stratified split) through
-``tuning_core.data.idx.prepare`` and ``tuning_core.runner.run_tuning`` on a local Ray with 2 CPUs,
-2 concurrent trials of 1 CPU each:
+Default (CPU; about 4 minutes on 2 idle cores, much longer when other work shares them): the real
+2k sample (``../shared/data/fashion-mnist-2k``, 1,359 train / 241 valid / 400 test images after the
+pipeline's stratified split) through ``tuning_core.data.idx.prepare`` and
+``tuning_core.runner.run_tuning`` on a local Ray with 2 CPUs, random search, seed 0:
 
-- ``cnn+asha``: the small CNN, random search, ASHA (grace 1, reduction 3), 6 trials x up to 6 epochs;
-- ``cnn+pbt``: the small CNN, PBT (population 4, perturbation every 2 epochs, mutating lr,
-  momentum and weight decay), 6 epochs;
+- ``cnn+asha``: the small CNN, ASHA (grace 1, reduction 3), 6 trials x up to 6 epochs, 2 at a time
+  on 1 CPU each;
+- ``cnn+pbt``: the small CNN, the pipeline's (asynchronous) PBT: population 4 running together on
+  half a CPU each, perturbation after every epoch, mutating lr, momentum and weight decay, 6 epochs.
+  The ``exploits`` column counts trials that restarted from another trial's checkpoint;
 - ``resnet18``: ResNet-18 (1x28x28 stem, 11.2M parameters), 1 trial x 1 epoch on both CPUs (FIFO:
   one epoch leaves nothing for a scheduler to stop), because one of its epochs costs about 100x a
   small-CNN epoch on a CPU.
@@ -21,14 +23,16 @@ across models), and the test accuracy of the best trial's best checkpoint. Ratio
 ``cnn+asha`` measured in the same process. Other work on the machine inflates every wall time: the
 JSON records the load average. The last line printed is ``ratio=<resnet18 over cnn CPU-s/epoch>``.
 
-Full data set on a GPU machine (resources gpu=1 per trial; bigger budgets; the official files,
-gz or raw, in a folder or in torchvision's ``FashionMNIST/raw`` layout):
+Full data set on a GPU machine (60,000 / 10,000 official files, gz or raw, in a folder or in
+torchvision's ``FashionMNIST/raw`` layout; trials get GPU resources and train on CUDA):
 
     python -m benchmarks.fashion_mnist --full-gpu --data /path/to/fashion-mnist --out fashion_gpu.json
 
-``--full-gpu`` runs ``cnn+asha`` 16 trials x 15 epochs, ``cnn+pbt`` population 8 x 15 epochs and
-``resnet18+asha`` 8 trials x 10 epochs, one GPU and 4 CPUs per trial, on a local Ray that sees the
-machine's GPUs (put it on a machine with one GPU per concurrent trial you want).
+``--full-gpu`` runs ``cnn+asha`` 16 trials x 15 epochs and ``cnn+pbt`` population 4 x 15 epochs with
+gpu=0.25 and 3 CPUs per trial (four small CNNs share one GPU; the PBT population runs together),
+and ``resnet18+asha`` 8 trials x 10 epochs with gpu=0.5 and 6 CPUs per trial, on a local Ray that
+sees all the machine's CPUs and GPUs (sized for one GPU and 16 cores; more GPUs run more trials
+at once). For whole-GPU trials, edit ``GPU_RUNS`` (gpus=1).
 """
 
 from __future__ import annotations
@@ -56,13 +60,18 @@ class Run:
     scheduler: str
     trials: int
     epochs: int
-    cpus: int = 1  # per trial (CPU mode); GPU mode gives every trial 4 CPUs and 1 GPU
+    cpus: float = 1.0  # per trial
+    gpus: float = 0.0  # per trial; fractions let several small trials share one GPU
+    concurrency: int | None = 2  # None: as many trials as the resources allow
 
 
-CPU_RUNS = (Run("cnn+asha", "cnn", "asha", 6, 6), Run("cnn+pbt", "cnn", "pbt", 4, 6),
-            Run("resnet18", "resnet18", "fifo", 1, 1, cpus=2))
-GPU_RUNS = (Run("cnn+asha", "cnn", "asha", 16, 15), Run("cnn+pbt", "cnn", "pbt", 8, 15),
-            Run("resnet18+asha", "resnet18", "asha", 8, 10))
+# PBT runs its whole population at once (half a CPU each): with 2 of 4 trials running at a time,
+# the first pair would finish before the second pair reports, and nobody would be exploited.
+CPU_RUNS = (Run("cnn+asha", "cnn", "asha", 6, 6), Run("cnn+pbt", "cnn", "pbt", 4, 6, cpus=0.5, concurrency=4),
+            Run("resnet18", "resnet18", "fifo", 1, 1, cpus=2, concurrency=1))
+GPU_RUNS = (Run("cnn+asha", "cnn", "asha", 16, 15, cpus=3, gpus=0.25, concurrency=None),
+            Run("cnn+pbt", "cnn", "pbt", 4, 15, cpus=3, gpus=0.25, concurrency=None),
+            Run("resnet18+asha", "resnet18", "asha", 8, 10, cpus=6, gpus=0.5, concurrency=None))
 
 
 def _space(model: str, full: bool) -> dict[str, Any]:
@@ -94,7 +103,9 @@ def _recorder() -> Any:
             self.events.append({"t": time.perf_counter(), "trial_id": trial.trial_id,
                                 "epoch": int(result.get("epoch", 0)),
                                 "time_this_iter_s": float(result.get("time_this_iter_s", 0.0)),
-                                "mean_accuracy": float(result.get("mean_accuracy", float("nan")))})
+                                "mean_accuracy": float(result.get("mean_accuracy", float("nan"))),
+                                "restored": (str(result.get("restored_from", "")),
+                                             int(result.get("restored_epoch", 0)))})
 
     return Recorder()
 
@@ -106,12 +117,13 @@ def _measure_run(run: Run, data: dict[str, Any], test: tuple, root: str, full: b
     from tuning_core.runner import run_tuning
     from tuning_core.trainables.torch import evaluate, load_checkpoint_model, train_fashion
 
-    resources = Resources(cpu=4, gpu=1) if full else Resources(cpu=run.cpus)
-    options = SchedulerOptions(grace_period=1, reduction_factor=3, perturbation_interval=2 if not full else 3,
+    resources = Resources(cpu=run.cpus, gpu=run.gpus)
+    options = SchedulerOptions(grace_period=1, reduction_factor=3, perturbation_interval=3 if full else 1,
                                quantile_fraction=0.25)
     cfg = TuneConfig(search="random", scheduler=run.scheduler, scheduler_options=options, metric="mean_accuracy",
                      mode="max", num_samples=run.trials, max_iterations=run.epochs, checkpoint_every=1,
-                     max_concurrent_trials=None if full else 2, resources=resources, seed=seed, max_failures=0)
+                     max_concurrent_trials=run.concurrency, resources=resources, seed=seed,
+                     max_failures=0)
     rec = _recorder()
     t0 = time.perf_counter()
     result = run_tuning(train_fashion, data, _space(run.model, full), cfg, pafs.LocalFileSystem(),
@@ -120,6 +132,8 @@ def _measure_run(run: Run, data: dict[str, Any], test: tuple, root: str, full: b
     epochs = len(rec.events)
     epoch_cpu_s = [e["time_this_iter_s"] * resources.cpu for e in rec.events]
     first = [e["mean_accuracy"] for e in rec.events if e["epoch"] == 1 and not math.isnan(e["mean_accuracy"])]
+    # A PBT exploit shows as a trial restarting from another trial's checkpoint (see train_fashion).
+    exploits = {(e["trial_id"], *e["restored"]) for e in rec.events if e["restored"][0] not in ("", e["trial_id"])}
     test_acc = None
     if result.best_checkpoint_uri:
         model = load_checkpoint_model(Path(result.best_checkpoint_uri), result.best_config)
@@ -129,6 +143,7 @@ def _measure_run(run: Run, data: dict[str, Any], test: tuple, root: str, full: b
         "max_epochs": run.epochs, "cpus_per_trial": resources.cpu, "gpus_per_trial": resources.gpu,
         "trial_epochs": epochs, "wall_s": r(wall, 2),
         "cpu_s_per_trial_epoch": r(sum(epoch_cpu_s) / max(1, len(epoch_cpu_s)), 3),
+        "errored_trials": sum(t.status == "ERROR" for t in result.trials), "pbt_exploits": len(exploits),
         "best_valid_accuracy": r(result.best_metric, 4),
         "best_valid_accuracy_epoch1": r(max(first), 4) if first else None,
         "test_accuracy_best_checkpoint": r(test_acc, 4),
@@ -193,7 +208,7 @@ def show(res: dict[str, Any]) -> None:
     print(f"data: {d['rows']} images ({d['source']}), device {res['device']}, Ray {res['ray_num_cpus']} CPUs "
           f"(init {res['ray_init_s']} s, not counted)")
     head = (f"{'run':<15}{'trials':>7}{'epochs':>7}{'wall s':>9}{'CPU-s/ep':>9}{'valid@1':>9}"
-            f"{'valid':>8}{'test':>8}{'wall x':>8}{'CPU-s/ep x':>11}")
+            f"{'valid':>8}{'test':>8}{'wall x':>8}{'CPU-s/ep x':>11}{'exploits':>9}{'errors':>7}")
     print(head)
     print("-" * len(head))
     for name, x in res["runs"].items():
@@ -201,7 +216,7 @@ def show(res: dict[str, Any]) -> None:
         print(f"{name:<15}{x['trials']:>7}{x['trial_epochs']:>7}{x['wall_s']:>9.1f}{x['cpu_s_per_trial_epoch']:>9.2f}"
               f"{_fmt(x['best_valid_accuracy_epoch1']):>9}{_fmt(x['best_valid_accuracy']):>8}"
               f"{_fmt(x['test_accuracy_best_checkpoint']):>8}{ratio['wall_over_baseline']:>8.2f}"
-              f"{ratio['cpu_s_per_epoch_over_baseline']:>11.1f}")
+              f"{ratio['cpu_s_per_epoch_over_baseline']:>11.1f}{x['pbt_exploits']:>9}{x['errored_trials']:>7}")
     print(f"load average at the end: {res.get('environment', {}).get('loadavg_1_5_15')}")
     print(f"(ratios against {BASELINE}; valid@1 = best validation accuracy after one epoch; test = best "
           "trial's best checkpoint on the test split)")

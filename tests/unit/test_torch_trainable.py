@@ -167,7 +167,8 @@ def test_failed_trial_resumes_from_its_checkpoint_instead_of_restarting(ray_loca
     from ray.tune.schedulers import FIFOScheduler
 
     marker = tmp_path / "fail-once"
-    space = {**BASE, "_max_iterations": 3, "_checkpoint_every": 1, "_fail_once_marker": str(marker)}
+    space = {**BASE, "_max_iterations": 3, "_checkpoint_every": 1, "_fail_once_marker": str(marker),
+             "_fail_after_checkpoint": True}
     recorder = _Recorder()
     grid = _tuner(tmp_path, splits, space, FIFOScheduler(), recorder, "retry", max_failures=1).fit()
     assert marker.exists(), "the injected failure did not fire"

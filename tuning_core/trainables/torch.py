@@ -179,10 +179,15 @@ def train_fashion(config: dict[str, Any], train: tuple, valid: tuple) -> None:
 
     Args:
         config: lr, momentum, batch_size, weight_decay, model, width, optional dropout/hidden/seed,
-            and the runner's control keys (_max_iterations, _checkpoint_every, _fail_once_marker).
+            and the runner's control keys (_max_iterations, _checkpoint_every; for fault-injection
+            tests _fail_once_marker, _fail_times, _fail_after_checkpoint, see ``common.maybe_fail_once``).
         train: (images N×1×H×W float32, labels int64).
         valid: same shape as ``train``.
     """
+    # Fault injection (tests): at start by default, or after a checkpoint so the retry resumes from it.
+    fail_after_checkpoint = bool(config.get("_fail_after_checkpoint"))
+    if not fail_after_checkpoint:
+        common.maybe_fail_once(config)
     params = _with_defaults(config)
     max_epochs = int(config.get("_max_iterations", 10))
     every = int(config.get("_checkpoint_every", 1))
@@ -230,8 +235,7 @@ def train_fashion(config: dict[str, Any], train: tuple, valid: tuple) -> None:
             _save(folder, model, optimizer, epoch, spec, trial_id)
 
         common.report(metrics, iteration=epoch, last_iteration=max_epochs, checkpoint_every=every, save=save)
-        # Fault injection fires only once a checkpoint exists, so a retry exercises resume, not restart.
-        if epoch % every == 0 and epoch < max_epochs:
+        if fail_after_checkpoint and epoch % every == 0 and epoch < max_epochs:
             common.maybe_fail_once(config)
 
 
