@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -85,6 +86,8 @@ def _driver_callbacks(cfg: TuneConfig, progress: Progress | None, extra: list[An
         def __init__(self) -> None:
             self.best: float | None = None
             self.finished: set[str] = set()
+            # Every result seen on this driver, per trial: the history's backstop (see _history).
+            self.rows: dict[str, list[dict[str, Any]]] = {}
 
         def _better(self, value: float) -> bool:
             if self.best is None:
@@ -92,6 +95,7 @@ def _driver_callbacks(cfg: TuneConfig, progress: Progress | None, extra: list[An
             return value > self.best if cfg.mode == "max" else value < self.best
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.rows.setdefault(trial.trial_id, []).append(_history_row(result, cfg.metric))
             value = result.get(cfg.metric)
             if isinstance(value, (int, float)) and not math.isnan(value) and self._better(value):
                 self.best = float(value)
@@ -188,55 +192,81 @@ def run_tuning(
                 name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 # Ray always keeps the latest checkpoint too, so a crashed trial resumes from it.
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=cfg.metric,
+                # PBT clones another trial's checkpoint later on; pruning can delete it first.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None if cfg.scheduler == "pbt" else 2,
+                                                        checkpoint_score_attribute=cfg.metric,
                                                         checkpoint_score_order=cfg.mode),
                 stop=_stopper(cfg), callbacks=cbs, verbose=0,
             ),
         )
     grid = tuner.fit()
     wall = time.monotonic() - started
-    return _collect(grid, cfg, name, uri_prefix + exp_path, resumed, wall, storage_fs, exp_path)
+    live_rows = cbs[0].inner.rows
+    return _collect(grid, cfg, name, uri_prefix + exp_path, resumed, wall, storage_fs, exp_path, live_rows)
 
 
 def _clean_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def _history(result: Any, metric: str) -> list[dict[str, Any]]:
+_HISTORY_METRICS = ("auc", "logloss", "error", "mean_accuracy", "loss", "train_loss")
+
+
+def _history_row(result: dict[str, Any], metric: str) -> dict[str, Any]:
+    """A result as a history row: iteration, metrics and the (possibly PBT-mutated) config."""
+    row = {k: v for k, v in result.items() if k in ("training_iteration", metric, *_HISTORY_METRICS)}
+    row.update({f"config/{k}": v for k, v in (result.get("config") or {}).items()
+                if not k.startswith("_") and isinstance(v, (int, float, str, bool))})
+    return row
+
+
+def _history(result: Any, metric: str, live: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per iteration, from the trial's result files and the results seen live on this driver.
+
+    Ray's result files lose or repeat rows when a trial restarts (PBT exploit or pause, retry,
+    resume): its logger re-downloads a stale copy from storage and appends to it. The live rows
+    fill the gaps, and the last report of an iteration wins, since a restarted trial re-runs the
+    iterations after its checkpoint (after a PBT exploit: on the cloned model).
+    """
     df = result.metrics_dataframe
-    if df is None or df.empty:
-        return []
-    # Config columns are kept too: under PBT they change during a trial (mutations).
-    keep = [c for c in df.columns if c == "training_iteration" or c in (metric, "auc", "logloss", "error",
-            "mean_accuracy", "loss", "train_loss") or (c.startswith("config/") and not c.startswith("config/_"))]
-    return df[keep].to_dict(orient="records")
+    rows: list[dict[str, Any]] = []
+    if df is not None and not df.empty:
+        # Config columns are kept too: under PBT they change during a trial (mutations).
+        keep = [c for c in df.columns if c in ("training_iteration", metric, *_HISTORY_METRICS)
+                or (c.startswith("config/") and not c.startswith("config/_"))]
+        rows = df[keep].to_dict(orient="records")
+    by_iteration: dict[int, dict[str, Any]] = {}
+    for row in [*rows, *live]:
+        if _num(row.get("training_iteration")) is not None:
+            by_iteration[int(row["training_iteration"])] = {**row, "training_iteration": int(row["training_iteration"])}
+    return [by_iteration[i] for i in sorted(by_iteration)]
 
 
 def _collect(grid: Any, cfg: TuneConfig, name: str, exp_uri: str, resumed: bool, wall: float,
-             fs: pafs.FileSystem, exp_path: str) -> TuningResult:
+             fs: pafs.FileSystem, exp_path: str, live_rows: dict[str, list[dict[str, Any]]]) -> TuningResult:
     trials: list[TrialRecord] = []
     better = max if cfg.mode == "max" else min
     for result in grid:
         metrics = result.metrics or {}
-        history = _history(result, cfg.metric)
+        trial_id = metrics.get("trial_id") or (result.path.rstrip("/").rsplit("/", 1)[-1])
+        history = _history(result, cfg.metric, live_rows.get(str(trial_id), []))
         values = [h[cfg.metric] for h in history if h.get(cfg.metric) is not None
                   and not (isinstance(h[cfg.metric], float) and math.isnan(h[cfg.metric]))]
         ckpt = result.get_best_checkpoint(cfg.metric, cfg.mode) if result.best_checkpoints else result.checkpoint
-        trial_id = metrics.get("trial_id") or (result.path.rstrip("/").rsplit("/", 1)[-1])
         trials.append(TrialRecord(
             trial_id=str(trial_id), config=_clean_config(result.config or {}),
             status="ERROR" if result.error else "TERMINATED",
             iterations=int(metrics.get("training_iteration", 0)),
             metric=_num(metrics.get(cfg.metric)), best_metric=better(values) if values else None,
             metrics={k: float(v) for k, v in metrics.items()
-                     if k in ("auc", "logloss", "error", "mean_accuracy", "loss", "train_loss") and _num(v) is not None},
+                     if k in _HISTORY_METRICS and _num(v) is not None},
             time_s=float(metrics.get("time_total_s", 0.0)), node_id=metrics.get("node_id") or metrics.get("node_ip"),
             checkpoint_uri=(("s3://" if exp_uri.startswith("s3://") else "") + ckpt.path) if ckpt else None,
             history=history,
         ))
     ok = [t for t in trials if t.best_metric is not None]
     if not ok:
-        errors = [str(r.error).splitlines()[0] for r in grid if r.error][:1]
+        errors = [_error_line(r.error) for r in grid if r.error][:1]
         raise ConfigError(f"tuning {name}: no trial reported {cfg.metric!r}" + (f" (first error: {errors[0]})"
                                                                                   if errors else ""))
     best = (max if cfg.mode == "max" else min)(ok, key=lambda t: t.best_metric)
@@ -248,6 +278,14 @@ def _collect(grid: Any, cfg: TuneConfig, name: str, exp_uri: str, resumed: bool,
         best_checkpoint_uri=best.checkpoint_uri, resumed=resumed, wall_time_s=wall, trials=trials,
     )
     return _write_reports(result, fs, exp_path)
+
+
+def _error_line(err: BaseException) -> str:
+    """The trial's own exception in one line (Ray's first line is only its task header)."""
+    cause = getattr(err, "cause", None)
+    text = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(err)
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if ln.strip()]
+    return (lines[0] if isinstance(cause, BaseException) else lines[-1]) if lines else type(err).__name__
 
 
 def _num(v: Any) -> float | None:

@@ -54,13 +54,45 @@ def pbt_mutations(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> dict
     return muts
 
 
+class ClipToRanges:
+    """PBT explore hook: keep perturbed values inside their configured ranges.
+
+    Ray's PBT multiplies a continuous value by 0.8 or 1.2 without looking at its bounds, so
+    e.g. subsample 0.9 becomes 1.08, which XGBoost rejects (and a range is a promise anyway).
+    A class, not a closure: the scheduler is pickled with the experiment state.
+    """
+
+    def __init__(self, bounds: dict[str, tuple[float, float]]) -> None:
+        self.bounds = bounds
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        for key, (low, high) in self.bounds.items():
+            value = config.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                config[key] = type(value)(min(max(value, low), high))
+        return config
+
+
+def pbt_bounds(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> dict[str, tuple[float, float]]:
+    """(low, high) of every ranged parameter PBT mutates (randint's high is exclusive)."""
+    given = cfg.scheduler_options.hyperparam_mutations
+    specs = given if given else space
+    bounds = {}
+    for key in pbt_mutations(cfg, space):
+        spec = specs.get(key)
+        if isinstance(spec, ParamSpec) and spec.low is not None and spec.high is not None:
+            bounds[key] = (spec.low, spec.high - 1 if spec.type == "randint" else spec.high)
+    return bounds
+
+
 def _pbt(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> Any:
     from ray.tune.schedulers import PopulationBasedTraining
 
     o = cfg.scheduler_options
     return PopulationBasedTraining(time_attr=TIME_ATTR, perturbation_interval=o.perturbation_interval,
                                    hyperparam_mutations=pbt_mutations(cfg, space),
-                                   quantile_fraction=o.quantile_fraction)
+                                   quantile_fraction=o.quantile_fraction,
+                                   custom_explore_fn=ClipToRanges(pbt_bounds(cfg, space)))
 
 
 SCHEDULERS: dict[str, Callable[[TuneConfig, dict[str, ParamSpec | Scalar]], Any]] = {

@@ -45,6 +45,13 @@ def split_xy(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
     return df.drop(columns=[LABEL]), df[LABEL]
 
 
+def quantile_matrix(x: pd.DataFrame, y: pd.Series, params: dict[str, Any]):
+    """The training matrix, binned like the booster: xgboost refuses a ``max_bin`` that differs."""
+    import xgboost as xgb
+
+    return xgb.QuantileDMatrix(x, label=y, enable_categorical=True, max_bin=params.get("max_bin"))
+
+
 def trial_cpus() -> int:
     from ray import tune
 
@@ -84,9 +91,10 @@ def train_xgboost(config: dict[str, Any], train: pd.DataFrame, valid: pd.DataFra
     maybe_fail_once(config)
     last_round = int(config.get("_max_iterations", 100))
     every = int(config.get("_checkpoint_every", 10))
+    params = xgb_params(config, trial_cpus())
     x_train, y_train = split_xy(train)
     x_valid, y_valid = split_xy(valid)
-    dtrain = xgb.QuantileDMatrix(x_train, label=y_train, enable_categorical=True)
+    dtrain = quantile_matrix(x_train, y_train, params)
     dvalid = xgb.DMatrix(x_valid, label=y_valid, enable_categorical=True)
     booster = None
     with restored_state() as folder:
@@ -95,7 +103,7 @@ def train_xgboost(config: dict[str, Any], train: pd.DataFrame, valid: pd.DataFra
     done = booster.num_boosted_rounds() if booster is not None else 0
     if done >= last_round:
         return
-    xgb.train(xgb_params(config, trial_cpus()), dtrain, num_boost_round=last_round - done,
+    xgb.train(params, dtrain, num_boost_round=last_round - done,
               evals=[(dvalid, "valid")], xgb_model=booster, verbose_eval=False,
               callbacks=[_callback(last_round, every)])
 
@@ -104,9 +112,9 @@ def fit_booster(config: dict[str, Any], train: pd.DataFrame, rounds: int, nthrea
     """Train a final booster on ``train`` for exactly ``rounds`` rounds (retraining, baselines)."""
     import xgboost as xgb
 
+    params = xgb_params(config, nthread)
     x, y = split_xy(train)
-    dtrain = xgb.QuantileDMatrix(x, label=y, enable_categorical=True)
-    return xgb.train(xgb_params(config, nthread), dtrain, num_boost_round=max(1, int(rounds)), verbose_eval=False)
+    return xgb.train(params, quantile_matrix(x, y, params), num_boost_round=max(1, int(rounds)), verbose_eval=False)
 
 
 def load_booster(checkpoint_dir: Path):
