@@ -36,7 +36,8 @@ def ray_local():
 
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # address="local": never join a `ray start` cluster some other test left recorded in /tmp/ray.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         started = True
     yield ray
     if started:

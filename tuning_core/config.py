@@ -222,11 +222,20 @@ def config_hash(cfg: BaseModel) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
+def _clean_loc(loc: tuple[Any, ...]) -> str:
+    # Drop pydantic's union-branch markers ("function-after[_check(), ParamSpec]", "float", ...).
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in ("float", "int", "str", "bool")))]
+    return ".".join(parts) or "(top level)"
+
+
 def _format_validation(err: ValidationError, where: str) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    errors = err.errors()
+    # A bad search-space entry fails every branch of its union; report the ParamSpec branch, count places once.
+    first = next((e for e in errors if any("ParamSpec" in str(p) for p in e["loc"])), errors[0])
+    loc = _clean_loc(first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    places = {_clean_loc(e["loc"]) for e in errors} - {loc}
+    more = f" (and {len(places)} more)" if places else ""
     return f"invalid config {where}: {loc}: {msg}{more}"
 
 

@@ -19,7 +19,6 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from tuning_core.config import ParamSpec, Scalar, TuneConfig
-from tuning_core.errors import ConfigError
 from tuning_core.results import TrialRecord, TuningResult
 from tuning_core.schedulers import create_scheduler
 from tuning_core.search import build_space, create_searcher
@@ -267,8 +266,9 @@ def _collect(grid: Any, cfg: TuneConfig, name: str, exp_uri: str, resumed: bool,
     ok = [t for t in trials if t.best_metric is not None]
     if not ok:
         errors = [_error_line(r.error) for r in grid if r.error][:1]
-        raise ConfigError(f"tuning {name}: no trial reported {cfg.metric!r}" + (f" (first error: {errors[0]})"
-                                                                                  if errors else ""))
+        # Every trial crashed: a bug or broken data rather than bad input (metric names are checked up front).
+        raise RuntimeError(f"tuning {name}: no trial reported {cfg.metric!r}" + (f" (first error: {errors[0]})"
+                                                                                   if errors else ""))
     best = (max if cfg.mode == "max" else min)(ok, key=lambda t: t.best_metric)
     best_iter = _best_iteration(best, cfg)
     result = TuningResult(

@@ -221,7 +221,7 @@ def test_trial_failing_beyond_max_failures_is_reported_not_hidden(ray_local, dat
     # max_failures=0: the injected failure is final; with no trial reporting, the run is an error.
     space = {**RANGE_SPACE, "_fail_once_marker": str(tmp_path / "m")}
     cfg = tune_cfg(num_samples=1, max_iterations=3, max_failures=0, space=space)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(RuntimeError) as err:
         run_tuning(train_xgboost, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "fault-final")
     # One readable line naming the trial's own exception (not Ray's task header with colour codes).
     msg = str(err.value)
