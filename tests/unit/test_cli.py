@@ -1,0 +1,32 @@
+"""The `tunepipe` CLI on real data: the data stage command and config loading."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tests.conftest import ASA_SAMPLE
+
+
+def test_prepare_flights_on_the_asa_sample_writes_a_version(local_settings, tmp_path):
+    result = CliRunner().invoke(app, ["prepare", "flights", "--data", str(ASA_SAMPLE)])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["schema"] == "asa"
+    assert sum(out["rows"].values()) > 20000
+    assert (tmp_path / "store" / "data" / "flights" / out["version"] / "manifest.json").is_file()
+    again = CliRunner().invoke(app, ["prepare", "flights", "--data", str(ASA_SAMPLE)])
+    assert json.loads(again.stdout)["version"] == out["version"]  # same input, same version
+
+
+def test_yaml_config_is_merged_under_cli_flags(tmp_path):
+    from flows.cli import _config, _overrides
+    from tuning_core.config import FlightsPipeline
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("tune: {num_samples: 7, search: optuna}\nregistry: {model_name: from-yaml}\n")
+    cfg = _config(FlightsPipeline, cfg_file, {}, _overrides(num_samples=3, search=None))
+    assert cfg.tune.num_samples == 3 and cfg.tune.search == "optuna"
+    assert cfg.registry.model_name == "from-yaml"
