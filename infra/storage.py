@@ -8,6 +8,7 @@ boto3 or credentials.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -165,8 +166,14 @@ def _short(err: Exception) -> str:
     return redact(text)
 
 
+# "scheme://user:password@": a URI that carries its credentials (e.g. a basic-auth MLflow server).
+_URI_PASSWORD = re.compile(r"([a-zA-Z][\w+.-]*://[^/:@\s]*):[^@/\s]*@")
+
+
 def redact(text: str, settings: Settings | None = None) -> str:
+    """``text`` with the S3 keys from settings and any password inside a URI masked."""
     settings = settings or get_settings()
+    text = _URI_PASSWORD.sub(r"\1:***@", text)
     for secret in (settings.aws_secret_access_key, settings.aws_access_key_id):
         if secret is not None and secret.get_secret_value():
             text = text.replace(secret.get_secret_value(), "***")

@@ -75,7 +75,8 @@ class Tracker:
         try:
             self.client.search_experiments(max_results=1)
         except Exception as err:  # noqa: BLE001 - MLflow raises many types for an unreachable store
-            raise ServiceUnavailable(f"MLflow tracking URI {self.uri}: unreachable ({_first_line(err)})") from None
+            raise ServiceUnavailable(f"MLflow tracking URI {redact(self.uri)}: unreachable ({_first_line(err)})") \
+                from None
 
     def experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -175,9 +176,10 @@ class Tracker:
 
     def run_url(self, run_id: str) -> str:
         run = self.client.get_run(run_id)
-        if self.uri.startswith("http"):
-            return f"{self.uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
-        return f"{self.uri} experiment {run.info.experiment_id} run {run_id}"
+        uri = redact(self.uri)  # links end up in summaries and Prefect artifacts
+        if uri.startswith("http"):
+            return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+        return f"{uri} experiment {run.info.experiment_id} run {run_id}"
 
     # ---------------------------------------------------------------- registry
     def register(self, name: str, run_id: str, model_uri: str, tags: dict[str, str]) -> str:

@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 from infra import models as mlmodels
 from infra.ray_cluster import ray_session
 from infra.settings import Settings
-from infra.storage import Storage, build_storage, filesystem_for
+from infra.storage import Storage, build_storage, filesystem_for, redact
 from infra.tracking import TAG_STAGE, Tracker
 from tuning_core.config import FASHION_SPACE, FLIGHTS_SPACE, FashionPipeline, FlightsPipeline, config_hash
 from tuning_core.results import DataVersion, RegistryResult, RetrainResult, TuningResult
@@ -360,7 +360,7 @@ def summary(cfg: Pipeline, version: DataVersion, tuning: TuningResult, retrained
         "registry": {"model_name": registry.model_name, "version": registry.version, "aliases": registry.aliases,
                      "promoted": registry.promoted, "decision": registry.decision,
                      "champion_before": registry.champion_before},
-        "mlflow_tracking_uri": tracker.uri,
+        "mlflow_tracking_uri": redact(tracker.uri),
     }
 
 

@@ -35,3 +35,18 @@ class ServiceUnavailable(TunepipeError):
     """An endpoint (S3, MLflow) cannot be reached right now; retrying may help."""
 
     retryable = True
+
+
+# Words in S3 client errors (pyarrow's curl, botocore) that mean the endpoint could not be reached.
+_UNREACHABLE = ("network_connection", "could not connect", "couldn't connect", "connection refused",
+                "connection reset", "connection aborted", "timed out", "timeout was reached", "broken pipe")
+
+
+def storage_failure(message: str, cause: BaseException) -> TunepipeError:
+    """A StorageError, or a retryable ServiceUnavailable when ``cause`` says the endpoint was unreachable.
+
+    An object store that is down for a while must not fail a stage for good: the orchestrator
+    retries only retryable errors.
+    """
+    text = str(cause).lower()
+    return (ServiceUnavailable if any(w in text for w in _UNREACHABLE) else StorageError)(message)

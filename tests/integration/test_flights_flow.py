@@ -150,6 +150,11 @@ def test_rerun_after_driver_sigkill_resumes_instead_of_restarting(env, tmp_path)
     assert len(after) == 6
     # Trials finished before the kill were not run again (no new results appended).
     assert {k: after[k] for k in before} == before
+    # MLflow holds exactly one child run per trial, whatever the killed driver had logged.
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tunepipe-flights").experiment_id])
+    trial_ids = [r.data.tags["tunepipe.trial_id"] for r in runs if "tunepipe.trial_id" in r.data.tags]
+    assert sorted(trial_ids) == sorted(set(trial_ids)) and len(trial_ids) == 6
 
 
 def test_batch_score_writes_a_prediction_per_row(env, tmp_path):

@@ -53,7 +53,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tuning_core.config import FlightsData
-from tuning_core.errors import ConfigError, DataError, StorageError
+from tuning_core.errors import ConfigError, DataError, StorageError, TunepipeError, storage_failure
 from tuning_core.results import DataVersion
 from tuning_core.versioning import read_manifest, version_exists, write_version
 
@@ -208,8 +208,8 @@ def _short(err: BaseException) -> str:
     return text
 
 
-def _storage_error(fs: pafs.FileSystem, path: str, err: OSError, doing: str) -> StorageError:
-    return StorageError(f"{_uri(fs, path)}: cannot {doing} ({_short(err)})")
+def _storage_error(fs: pafs.FileSystem, path: str, err: OSError, doing: str) -> TunepipeError:
+    return storage_failure(f"{_uri(fs, path)}: cannot {doing} ({_short(err)})", err)
 
 
 def _has_glob(path: str) -> bool:
@@ -319,6 +319,7 @@ class _Header:
     names: list[str]
     encoding: str  # "utf8" or "latin-1"
     line: str
+    has_rows: bool = True  # something follows the header line in the probe
 
 
 def _read_header(fs: pafs.FileSystem, path: str) -> _Header:
@@ -327,7 +328,8 @@ def _read_header(fs: pafs.FileSystem, path: str) -> _Header:
         probe = stream.read(_HEADER_PROBE)
     if not probe.strip():
         raise DataError(f"{src}: empty file; expected a CSV header and rows")
-    first = probe.split(b"\n", 1)[0].rstrip(b"\r")
+    first, *rest = probe.split(b"\n", 1)
+    first = first.rstrip(b"\r")
     try:
         line, encoding = first.decode("utf-8"), "utf8"
     except UnicodeDecodeError:
@@ -337,7 +339,7 @@ def _read_header(fs: pafs.FileSystem, path: str) -> _Header:
         names = next(csv.reader([line]), [])
     except csv.Error:  # not text: let schema detection report it as an unknown header
         names = line.split(",")
-    return _Header(names=names, encoding=encoding, line=line)
+    return _Header(names=names, encoding=encoding, line=line, has_rows=bool(rest and rest[0].strip()))
 
 
 def _expected_schemas() -> str:
@@ -570,6 +572,18 @@ def _read_file(fs: pafs.FileSystem, path: str, cfg: FlightsData | None, out: _Re
     logger.info("%s: schema %s, %d rows, encoding %s", src, schema.name, rows, encoding)
 
 
+def _read_error(fs: pafs.FileSystem, file: str, err: BaseException) -> TunepipeError:
+    if _decompression_error(err):
+        return DataError(f"{_uri(fs, file)}: corrupt compressed file ({_short(err)})")
+    if _is_s3(fs):
+        return _storage_error(fs, file, err, "read the source object")
+    return DataError(f"{_uri(fs, file)}: cannot read ({_short(err)})")
+
+
+def _header_only(src: str) -> DataError:
+    return DataError(f"{src}: no data rows (header only); expected at least one flight per split")
+
+
 def _read_source(fs: pafs.FileSystem, path: str, cfg: FlightsData | None) -> _Read:
     """Read every file of a source into one canonical table; all input errors surface here."""
     src = _uri(fs, path)
@@ -582,13 +596,9 @@ def _read_source(fs: pafs.FileSystem, path: str, cfg: FlightsData | None) -> _Re
         except (DataError, StorageError):
             raise
         except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as err:
-            if _decompression_error(err):
-                raise DataError(f"{_uri(fs, file)}: corrupt compressed file ({_short(err)})") from None
-            if _is_s3(fs):
-                raise _storage_error(fs, file, err, "read the source object") from None
-            raise DataError(f"{_uri(fs, file)}: cannot read ({_short(err)})") from None
+            raise _read_error(fs, file, err) from None
     if out.rows_read == 0:
-        raise DataError(f"{src}: no data rows (header only); expected at least one flight per split")
+        raise _header_only(src)
     if not tables:
         reasons = ", ".join(f"{k}={v}" for k, v in out.dropped.items() if v)
         raise DataError(f"{src}: no rows left after filtering ({out.rows_read} read; dropped {reasons})")
@@ -718,6 +728,32 @@ def _resolve_source(
     if _is_s3(fs):
         return fs, source_path.removeprefix("s3://").strip("/"), False
     return fs, os.path.abspath(os.path.expanduser(source_path)), False
+
+
+def check_source(cfg: FlightsData, source_fs: pafs.FileSystem | None, source_path: str | None) -> None:
+    """Cheap checks of a source before a pipeline starts, reading at most ~1 MiB of each file.
+
+    Most bad inputs are a missing or unmatched path, an unreadable archive, an unknown header or a
+    header without rows; this finds them in about a second, so a run fails before an orchestrator
+    or a cluster starts. Values deep inside a file are still checked by ``prepare``.
+
+    Raises:
+        DataError, StorageError, ServiceUnavailable: the one-line error ``prepare`` raises for the same
+            problem.
+    """
+    in_fs, in_path, _ = _resolve_source(cfg, source_fs, source_path)
+    any_rows = False
+    for file in _resolve_files(in_fs, in_path):
+        try:
+            header = _read_header(in_fs, file)
+        except (DataError, StorageError):
+            raise
+        except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as err:
+            raise _read_error(in_fs, file, err) from None
+        _detect(header, _uri(in_fs, file), need_label=True)
+        any_rows = any_rows or header.has_rows
+    if not any_rows:
+        raise _header_only(_uri(in_fs, in_path))
 
 
 def prepare(

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from tuning_core.config import FashionData
-from tuning_core.errors import DataError, StorageError
+from tuning_core.errors import DataError, storage_failure
 from tuning_core.results import DataVersion
 from tuning_core.versioning import hash_bytes, read_manifest, version_exists, write_version
 
@@ -80,7 +80,7 @@ def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     except FileNotFoundError:
         raise DataError(f"IDX file {path}: not found") from None
     except OSError as err:
-        raise StorageError(f"IDX file {path}: cannot be read ({str(err).splitlines()[0]})") from None
+        raise storage_failure(f"IDX file {path}: cannot be read ({str(err).splitlines()[0]})", err) from None
 
 
 def _decompress(raw: bytes, path: str) -> bytes:
@@ -163,7 +163,8 @@ def locate_files(fs: pafs.FileSystem, source_path: str) -> tuple[str, dict[str, 
             infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
             present |= {_join(folder, i.base_name) for i in infos if i.type == pafs.FileType.File}
     except OSError as err:
-        raise StorageError(f"IDX source {source_path}: cannot be listed ({str(err).splitlines()[0]})") from None
+        raise storage_failure(f"IDX source {source_path}: cannot be listed ({str(err).splitlines()[0]})",
+                              err) from None
     expected = ", ".join(f"{b}[.gz]" for b in FILES.values())
     partial: tuple[str, list[str]] | None = None
     for folder in folders:
@@ -256,6 +257,28 @@ def _to_version(fs: pafs.FileSystem, folder: str, manifest: dict) -> DataVersion
 # --------------------------------------------------------------------------- public API
 
 
+def _read_source(source_fs: pafs.FileSystem, source_path: str) -> tuple[str, dict[str, str], _Pair, _Pair]:
+    folder, paths = locate_files(source_fs, source_path)
+    train = _read_pair(source_fs, paths["train_images"], paths["train_labels"])
+    test = _read_pair(source_fs, paths["test_images"], paths["test_labels"])
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise DataError(f"IDX files in {folder}: train images are {list(train.images.shape[1:])} but test "
+                        f"images are {list(test.images.shape[1:])}, expected the same size")
+    return folder, paths, train, test
+
+
+def check_source(source_fs: pafs.FileSystem, source_path: str) -> None:
+    """Validate the IDX files at ``source_path`` without writing anything (a pre-run check).
+
+    IDX files are small enough to read whole, so this is every check ``prepare`` makes on the input.
+
+    Raises:
+        DataError: files missing, corrupt or inconsistent.
+        StorageError, ServiceUnavailable: the source cannot be read (the latter: unreachable, retryable).
+    """
+    _read_source(source_fs, source_path)
+
+
 def prepare(cfg: FashionData, source_fs: pafs.FileSystem, source_path: str, fs: pafs.FileSystem,
             root: str) -> DataVersion:
     """Validate the IDX files at ``source_path`` and write a train/valid/test data version.
@@ -277,13 +300,7 @@ def prepare(cfg: FashionData, source_fs: pafs.FileSystem, source_path: str, fs: 
         DataError: files missing, corrupt or inconsistent.
         StorageError: a filesystem cannot be read or written.
     """
-    folder, paths = locate_files(source_fs, source_path)
-    train = _read_pair(source_fs, paths["train_images"], paths["train_labels"])
-    test = _read_pair(source_fs, paths["test_images"], paths["test_labels"])
-    if train.images.shape[1:] != test.images.shape[1:]:
-        raise DataError(f"IDX files in {folder}: train images are {list(train.images.shape[1:])} but test "
-                        f"images are {list(test.images.shape[1:])}, expected the same size")
-
+    folder, paths, train, test = _read_source(source_fs, source_path)
     images, labels = train.images, train.labels
     if cfg.max_train is not None and cfg.max_train < len(labels):
         images, labels = images[: cfg.max_train], labels[: cfg.max_train]
@@ -299,8 +316,8 @@ def prepare(cfg: FashionData, source_fs: pafs.FileSystem, source_path: str, fs: 
     try:
         exists = version_exists(fs, target)
     except OSError as err:
-        raise StorageError(f"data version {_uri(fs, target)}: cannot be checked ({str(err).splitlines()[0]})") \
-            from None
+        raise storage_failure(f"data version {_uri(fs, target)}: cannot be checked ({str(err).splitlines()[0]})",
+                              err) from None
     if exists:
         logger.info("data version %s already exists at %s; reusing it", version, target)
         return _to_version(fs, target, read_manifest(fs, target))
@@ -334,8 +351,8 @@ def prepare(cfg: FashionData, source_fs: pafs.FileSystem, source_path: str, fs: 
     try:
         write_version(fs, target, files, manifest)
     except OSError as err:
-        raise StorageError(f"data version {_uri(fs, target)}: cannot be written ({str(err).splitlines()[0]})") \
-            from None
+        raise storage_failure(f"data version {_uri(fs, target)}: cannot be written ({str(err).splitlines()[0]})",
+                              err) from None
     logger.info("wrote data version %s (%s) from %s", version, manifest["rows"], folder)
     return _to_version(fs, target, manifest)
 

@@ -61,7 +61,7 @@ def trial_cpus() -> int:
         return 1
 
 
-def _callback(last_round: int, checkpoint_every: int):
+def _callback(last_round: int, checkpoint_every: int, config: dict[str, Any]):
     import xgboost as xgb
 
     class TuneReport(xgb.callback.TrainingCallback):
@@ -75,6 +75,8 @@ def _callback(last_round: int, checkpoint_every: int):
                 model.save_model(str(folder / MODEL_FILE))
 
             report(metrics, rounds, last_round, checkpoint_every, save)
+            if config.get("_fail_after_checkpoint") and rounds % checkpoint_every == 0 and rounds < last_round:
+                maybe_fail_once(config)  # fault injection: the retry resumes from this checkpoint
             return False
 
     return TuneReport()
@@ -88,7 +90,8 @@ def train_xgboost(config: dict[str, Any], train: pd.DataFrame, valid: pd.DataFra
     """
     import xgboost as xgb
 
-    maybe_fail_once(config)
+    if not config.get("_fail_after_checkpoint"):
+        maybe_fail_once(config)
     last_round = int(config.get("_max_iterations", 100))
     every = int(config.get("_checkpoint_every", 10))
     params = xgb_params(config, trial_cpus())
@@ -105,7 +108,7 @@ def train_xgboost(config: dict[str, Any], train: pd.DataFrame, valid: pd.DataFra
         return
     xgb.train(params, dtrain, num_boost_round=last_round - done,
               evals=[(dvalid, "valid")], xgb_model=booster, verbose_eval=False,
-              callbacks=[_callback(last_round, every)])
+              callbacks=[_callback(last_round, every, config)])
 
 
 def fit_booster(config: dict[str, Any], train: pd.DataFrame, rounds: int, nthread: int = 2):

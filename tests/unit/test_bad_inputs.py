@@ -1,0 +1,268 @@
+"""Bad inputs through the CLI: every one exits 2 with one stderr line naming the problem, and writes nothing.
+
+One table of cases across CSV content, schemas, IDX files, config and search space, storage URIs,
+credentials and the tracking server. Each case runs the real ``tunepipe`` command in-process (typer's
+CliRunner) against a throwaway storage root and MLflow SQLite file, then checks that no data version,
+no Ray experiment and no registered model version exists afterwards. ``run`` cases must fail in the
+pre-run checks (config, data source, storage, tracking), before Prefect or Ray start: each case takes
+well under a second, except the unreachable tracking server (MLflow's capped HTTP retries).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+from typer.testing import CliRunner
+
+import flows.fashion_mnist  # noqa: F401 - imported here, not inside CliRunner: Prefect binds its log
+import flows.flights  # noqa: F401   handlers to the sys.stderr of the moment, which CliRunner swaps and closes
+from flows.cli import app
+from tests.conftest import ASA_SAMPLE, free_port
+
+ASA_HEADER = ASA_SAMPLE.open().readline()
+ASA_ROWS = "".join(ASA_SAMPLE.open().readlines()[1:200])
+IDX_NAMES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+             "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+
+
+# --------------------------------------------------------------------------- input makers
+def _file(name: str, text: str | bytes) -> Callable[[Path], str]:
+    def make(tmp: Path) -> str:
+        path = tmp / name
+        path.write_bytes(text.encode() if isinstance(text, str) else text)
+        return str(path)
+
+    return make
+
+
+def _asa_with(row: int, column: str, value: str) -> str:
+    """The first ASA sample rows with one cell replaced."""
+    lines = ASA_ROWS.splitlines()
+    cells = lines[row].split(",")
+    cells[ASA_HEADER.strip().split(",").index(column)] = value
+    lines[row] = ",".join(cells)
+    return ASA_HEADER + "\n".join(lines) + "\n"
+
+
+def _idx_bytes(arr: np.ndarray, magic_dtype: int = 0x08) -> bytes:
+    header = bytes([0, 0, magic_dtype, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    return header + arr.astype(np.uint8).tobytes()
+
+
+def _idx_set(edit: Callable[[dict[str, bytes]], None] | None = None) -> Callable[[Path], str]:
+    """A small valid IDX set (torchvision layout, gzipped), then ``edit`` applied to the file bytes."""
+    def make(tmp: Path) -> str:
+        rng = np.random.default_rng(0)
+        files = {
+            "train_images": _idx_bytes(rng.integers(0, 255, (40, 28, 28))),
+            "train_labels": _idx_bytes(np.arange(40) % 10),
+            "test_images": _idx_bytes(rng.integers(0, 255, (10, 28, 28))),
+            "test_labels": _idx_bytes(np.arange(10) % 10),
+        }
+        if edit:
+            edit(files)
+        raw = tmp / "fm" / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True)
+        for role, data in files.items():
+            (raw / f"{IDX_NAMES[role]}.gz").write_bytes(gzip.compress(data))
+        return str(tmp / "fm")
+
+    return make
+
+
+def _set(**changes: bytes) -> Callable[[dict[str, bytes]], None]:
+    return lambda files: files.update(changes)
+
+
+def _yaml(text: str) -> Callable[[Path], str]:
+    return _file("cfg.yaml", text)
+
+
+def _space(entry: str) -> Callable[[Path], str]:
+    return _yaml(f"tune:\n  space:\n    eta: {entry}\n")
+
+
+# --------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class Case:
+    """One bad input: the CLI arguments (built in the case's temp folder) and the words the error must contain."""
+
+    args: Callable[[Path], list[str]]
+    expect: str
+    env: dict[str, str] = field(default_factory=dict)  # "{moto}" / "{bucket}" / "{port}" are filled in
+    s3: str | None = None  # None | "moto" | "moto-auth": needs the moto server (with auth enforced)
+
+
+def run_flights(make: Callable[[Path], str] | None = None, *extra: str, option: str = "--data") -> Callable:
+    return lambda tmp: ["run", "flights", *([option, make(tmp)] if make else []), "--num-samples", "2", *extra]
+
+
+def prepare_flights(make: Callable[[Path], str]) -> Callable:
+    return lambda tmp: ["prepare", "flights", "--data", make(tmp)]
+
+
+def run_fashion(make: Callable[[Path], str]) -> Callable:
+    return lambda tmp: ["run", "fashion-mnist", "--data", make(tmp), "--num-samples", "2"]
+
+
+def with_config(make: Callable[[Path], str]) -> Callable:
+    return lambda tmp: ["run", "flights", "--data", str(ASA_SAMPLE), "--config", make(tmp)]
+
+
+CASES: dict[str, Case] = {
+    # ---- CSV content and schema
+    "empty file": Case(run_flights(_file("empty.csv", "")), "empty file"),
+    "header only": Case(run_flights(_file("header.csv", ASA_HEADER)), "no data rows (header only)"),
+    "unknown schema": Case(run_flights(_file("other.csv", "a,b,c\n1,2,3\n")), "unknown flights schema"),
+    "semicolon delimiter": Case(run_flights(_file("semi.csv", ASA_HEADER.replace(",", ";") + "2008;1;3\n")),
+                                "';'-separated"),
+    # Values deep inside a file are only seen by the data stage itself: `prepare` shows its error.
+    "non-numeric delays": Case(prepare_flights(_file("late.csv", _asa_with(30, "ArrDelay", "late"))),
+                               "column 'ArrDelay' is not numeric (example value 'late')"),
+    "corrupt gzip": Case(run_flights(_file("bad.csv.gz", gzip.compress(ASA_HEADER.encode())[:20] + b"\x00junk" * 40)),
+                         "corrupt compressed file"),
+    "corrupt zip": Case(run_flights(_file("bad.zip", b"PK\x03\x04" + b"garbage" * 20)), "not a readable zip file"),
+    "missing file": Case(run_flights(lambda tmp: str(tmp / "nope.csv")), "no such file or folder"),
+    "glob matching nothing": Case(run_flights(lambda tmp: f"{tmp}/flights-*.csv"), "glob matched no files"),
+    "too few rows to split": Case(prepare_flights(_file("few.csv", ASA_HEADER + ASA_ROWS.split("\n", 2)[0])),
+                                  "too few to split"),
+    # ---- IDX files
+    "idx bad magic": Case(run_fashion(_idx_set(_set(train_labels=b"\x00\x00\x08\x03" + b"\x00" * 40))),
+                          "bad magic number 2051, expected 2049"),
+    "idx truncated": Case(run_fashion(_idx_set(lambda f: f.update(train_images=f["train_images"][:-100]))),
+                          "truncated: header says shape [40, 28, 28]"),
+    "idx labels out of range": Case(run_fashion(_idx_set(_set(train_labels=_idx_bytes(np.full(40, 12))))),
+                                    "label 12 at index 0, expected labels 0..9"),
+    "idx image/label count mismatch": Case(run_fashion(_idx_set(_set(test_labels=_idx_bytes(np.arange(9) % 10)))),
+                                           "10 images but 9 labels"),
+    "idx files missing": Case(run_fashion(lambda tmp: (tmp / "empty").mkdir() or str(tmp / "empty")),
+                              "no IDX files found"),
+    # ---- config and search space
+    "loguniform low <= 0": Case(with_config(_space("{type: loguniform, low: 0, high: 1}")), "needs low > 0"),
+    "low >= high": Case(with_config(_space("{type: uniform, low: 2, high: 1}")), "needs low < high"),
+    "empty choice": Case(with_config(_space("{type: choice, values: []}")), "needs a non-empty 'values' list"),
+    "unknown space type": Case(with_config(_space("{type: gaussian, low: 0, high: 1}")), "unknown type 'gaussian'"),
+    "unknown scheduler": Case(run_flights(None, "--scheduler", "fastest"), "scheduler must be one of"),
+    "unknown search": Case(run_flights(None, "--search", "bayes"), "search must be one of"),
+    "num_samples 0": Case(lambda tmp: ["run", "flights", "--num-samples", "0"], "tune.num_samples"),
+    "negative time budget": Case(with_config(_yaml("tune:\n  time_budget_s: -5\n")), "tune.time_budget_s"),
+    "bad YAML": Case(with_config(_yaml("tune: [unclosed\n")), "not valid YAML"),
+    "YAML not a mapping": Case(with_config(_yaml("- a\n- b\n")), "expected a mapping at the top level, got list"),
+    "unknown config key": Case(with_config(_yaml("tune:\n  num_smaples: 3\n")), "tune.num_smaples"),
+    "config file missing": Case(lambda tmp: ["run", "flights", "--config", str(tmp / "none.yaml")], "not found"),
+    "model name with illegal characters": Case(run_flights(None, "--model-name", "my model/v1"),
+                                               "registry.model_name"),
+    # ---- storage URIs, credentials, tracking
+    "storage URI without bucket": Case(run_flights(lambda tmp: "s3://", option="--storage"),
+                                       "expected s3://bucket[/prefix]"),
+    "storage bucket missing": Case(run_flights(lambda tmp: "s3://no-such-bucket-tp/root", option="--storage"),
+                                   "bucket 'no-such-bucket-tp' does not exist", s3="moto"),
+    "source bucket missing": Case(run_flights(lambda tmp: "s3://no-such-source-tp/in/flights.csv"),
+                                  "bucket 'no-such-source-tp' does not exist", s3="moto"),
+    "wrong S3 credentials": Case(run_flights(lambda tmp: "s3://{bucket}/root", option="--storage"),
+                                 "denied; check the S3 credentials", s3="moto-auth"),
+    "unreachable MLflow": Case(run_flights(lambda tmp: str(ASA_SAMPLE)), "unreachable",
+                               env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"}),
+}
+
+
+# --------------------------------------------------------------------------- the checks
+@pytest.fixture
+def restored_process_state():
+    """Environment and MLflow's process-wide URIs as they were (the CLI sets defaults in both)."""
+    import os
+
+    import mlflow
+
+    env = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(env)
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+@pytest.fixture
+def moto_auth(moto_server):
+    """Switch credential checks of the moto server on (it accepts any by default); returns the switch."""
+    def reset(value: str) -> str:
+        req = urllib.request.Request(f"{moto_server}/moto-api/reset-auth", data=value.encode(), method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+        with urllib.request.urlopen(req) as resp:
+            return str(json.loads(resp.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"])
+
+    state: dict[str, str] = {}
+
+    def enforce(on: bool) -> None:
+        if on:
+            state["previous"] = reset("0")
+        elif "previous" in state:
+            reset(state.pop("previous"))
+
+    yield enforce
+    enforce(False)
+
+
+def _written(storage: str, settings) -> list[str]:
+    """Data-version manifests and Ray experiment files under the storage root."""
+    from infra.storage import filesystem_for
+
+    fs, root = filesystem_for(storage, settings)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    rel = [i.path.removeprefix(root).lstrip("/") for i in infos if i.type == pafs.FileType.File]
+    return [p for p in rel if p.startswith("ray/") or (p.startswith("data/") and p.endswith("manifest.json"))]
+
+
+def _model_versions(db: Path) -> list:
+    if not db.exists():
+        return []
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{db}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(name, tmp_path, local_settings, restored_process_state,
+                                                           monkeypatch, request):
+    from infra.settings import Settings, get_settings
+
+    case = CASES[name]
+    fill = {"{port}": str(free_port())}
+    if case.s3:
+        fill["{bucket}"] = request.getfixturevalue("s3_settings").storage.removeprefix("s3://").split("/")[0]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value.replace("{port}", fill["{port}"]))
+    args = case.args(tmp_path)
+    for key, value in fill.items():
+        args = [a.replace(key, value) for a in args]
+    storage = next((args[i + 1] for i, a in enumerate(args) if a == "--storage"), None)
+    storage = storage or Settings().storage
+    if case.s3 == "moto-auth":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-for-tunepipe")
+        request.getfixturevalue("moto_auth")(True)
+    get_settings.cache_clear()
+
+    result = CliRunner().invoke(app, args)
+
+    if case.s3 == "moto-auth":
+        request.getfixturevalue("moto_auth")(False)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert case.expect in lines[0]
+    assert "wrong-secret-for-tunepipe" not in result.output
+    assert result.stdout == ""
+    if not storage.endswith("//"):  # a malformed URI names no place to look
+        assert _written(storage, Settings()) == []
+    assert _model_versions(tmp_path / "mlflow.db") == []
