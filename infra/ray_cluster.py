@@ -30,6 +30,12 @@ def _storage_env(settings: Settings) -> dict[str, str]:
     env = {"AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
     if settings.s3_endpoint_url:
         env["AWS_ENDPOINT_URL_S3"] = settings.s3_endpoint_url
+    # The filesystem Ray pickles into the experiment state carries no keys (infra.storage), so the
+    # workers read them from their environment. Held by Ray's GCS for this job, never written to storage.
+    if settings.aws_access_key_id and settings.aws_secret_access_key:
+        env["AWS_ACCESS_KEY_ID"] = settings.aws_access_key_id.get_secret_value()
+        env["AWS_SECRET_ACCESS_KEY"] = settings.aws_secret_access_key.get_secret_value()
+    env["AWS_DEFAULT_REGION"] = settings.aws_region
     return env
 
 
@@ -54,6 +60,7 @@ def ray_session(settings: Settings, storage: Storage, num_cpus: int | None = Non
         started = True  # our connection, not the cluster: shutdown() only disconnects this driver
     else:
         ray.init(num_cpus=num_cpus or settings.ray_num_cpus or os.cpu_count(), include_dashboard=False,
+                 runtime_env={"env_vars": _storage_env(settings)},
                  log_to_driver=False, configure_logging=False)
         where = "local"
         started = True
@@ -69,3 +76,35 @@ def ray_session(settings: Settings, storage: Storage, num_cpus: int | None = Non
     finally:
         if started:
             ray.shutdown()
+
+
+def workers_hold_keys(settings: Settings) -> bool:
+    """Whether Ray's workers already have this S3 key pair in their environment.
+
+    Then Ray Tune gets a filesystem without keys (``Storage.fs_for_ray``) and none are pickled into
+    the experiment state on S3. True whenever we started or joined Ray ourselves (``runtime_env``);
+    a Ray that the caller initialised without the keys gets a filesystem carrying them (documented
+    in docs/SECURITY.md). Only a yes/no crosses back from the worker, never the key.
+    """
+    import hashlib
+
+    import ray
+
+    if not (settings.aws_access_key_id and settings.aws_secret_access_key):
+        return True  # nothing secret to carry: the default chain (profile, role) is all there is
+    want = hashlib.sha256((settings.aws_access_key_id.get_secret_value() + ":" +
+                           settings.aws_secret_access_key.get_secret_value()).encode()).hexdigest()
+
+    @ray.remote(num_cpus=0)
+    def _same_keys(expected: str) -> bool:
+        import hashlib
+        import os
+
+        pair = os.environ.get("AWS_ACCESS_KEY_ID", "") + ":" + os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        return hashlib.sha256(pair.encode()).hexdigest() == expected
+
+    try:
+        return bool(ray.get(_same_keys.remote(want), timeout=60))
+    except Exception:  # noqa: BLE001 - cannot tell: carry the keys rather than fail the stage
+        log.warning("could not check the S3 keys of Ray workers; the filesystem carries them", exc_info=True)
+        return False

@@ -43,6 +43,14 @@ class Storage:
     def is_s3(self) -> bool:
         return self.uri.startswith("s3://")
 
+    def fs_for_ray(self, settings: Settings) -> pafs.FileSystem:
+        """The filesystem handed to Ray Tune: without keys (see ``s3_filesystem``).
+
+        Ray workers get the keys through their environment: inherited from this process for a
+        local Ray, or through ``runtime_env`` when joining a cluster (``infra.ray_cluster``).
+        """
+        return s3_filesystem(settings, with_keys=False) if self.is_s3 else self.fs
+
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *[p.strip("/") for p in parts if p]])
 
@@ -79,13 +87,19 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.strip("/")
 
 
-def s3_filesystem(settings: Settings) -> pafs.S3FileSystem:
+def s3_filesystem(settings: Settings, with_keys: bool = True) -> pafs.S3FileSystem:
+    """pyarrow's S3 filesystem on the shared endpoint.
+
+    ``with_keys=False`` leaves the credentials to the AWS default chain (environment, profile,
+    instance role) of whichever process uses the filesystem: Ray Tune pickles the filesystem into
+    the experiment state it stores on S3, so the one handed to Ray must not carry the keys.
+    """
     kwargs: dict[str, object] = {"region": settings.aws_region}
     if settings.s3_endpoint_url:
         ep = urlparse(settings.s3_endpoint_url)
         kwargs["endpoint_override"] = ep.netloc or ep.path
         kwargs["scheme"] = ep.scheme or "https"
-    if settings.aws_access_key_id and settings.aws_secret_access_key:
+    if with_keys and settings.aws_access_key_id and settings.aws_secret_access_key:
         kwargs["access_key"] = settings.aws_access_key_id.get_secret_value()
         kwargs["secret_key"] = settings.aws_secret_access_key.get_secret_value()
     # Fail fast instead of pyarrow's default of retrying for minutes against a dead endpoint;

@@ -19,17 +19,21 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from infra import models as mlmodels
-from infra.ray_cluster import ray_session
+from infra.ray_cluster import ray_session, workers_hold_keys
 from infra.settings import Settings
 from infra.storage import Storage, build_storage, filesystem_for, redact
 from infra.tracking import TAG_STAGE, Tracker
 from tuning_core.config import FASHION_SPACE, FLIGHTS_SPACE, FashionPipeline, FlightsPipeline, config_hash
+from tuning_core.errors import ConfigError
 from tuning_core.results import DataVersion, RegistryResult, RetrainResult, TuningResult
 from tuning_core.runner import experiment_name, run_tuning, validate
 
 log = logging.getLogger(__name__)
 
 Pipeline = FlightsPipeline | FashionPipeline
+
+# What each workload's trainable reports per iteration (tune.metric must be one of them).
+TRIAL_METRICS = {"flights": ("auc", "logloss", "error"), "fashion-mnist": ("mean_accuracy", "loss", "train_loss")}
 
 # Extra listeners for tuning progress events (the CLI's progress bar registers one).
 PROGRESS_LISTENERS: list[Callable[[dict[str, Any]], None]] = []
@@ -79,6 +83,9 @@ def preflight(cfg: Pipeline, ctx: Context) -> None:
     """Everything that can be checked before a byte is written: space, names, data source, tracking, storage."""
     space = cfg.tune.space or (FLIGHTS_SPACE if cfg.workload == "flights" else FASHION_SPACE)
     validate(cfg.tune, space)
+    reported = TRIAL_METRICS[cfg.workload]
+    if cfg.tune.metric not in reported:
+        raise ConfigError(f"tune.metric {cfg.tune.metric!r}: the {cfg.workload} trainable reports {list(reported)}")
     check_data(cfg, ctx)
     ctx.tracker().check()
 
@@ -142,7 +149,9 @@ def tune(cfg: Pipeline, ctx: Context, version: DataVersion,
                 listener(event)
 
     with ray_session(ctx.settings, ctx.storage):
-        result = run_tuning(trainable, data, space, tune_cfg, ctx.storage.fs, ctx.storage.path("ray"), name,
+        keyless = ctx.storage.is_s3 and workers_hold_keys(ctx.settings)
+        fs = ctx.storage.fs_for_ray(ctx.settings) if keyless else ctx.storage.fs
+        result = run_tuning(trainable, data, space, tune_cfg, fs, ctx.storage.path("ray"), name,
                             progress=fan_out, uri_prefix="s3://" if ctx.storage.is_s3 else "")
     mutated = []
     if tune_cfg.scheduler == "pbt":
@@ -319,8 +328,6 @@ def register(cfg: Pipeline, ctx: Context, version: DataVersion, tuning: TuningRe
     tracker = ctx.tracker()
     reg = cfg.registry
     if reg.metric not in retrained.test_metrics:
-        from tuning_core.errors import ConfigError
-
         raise ConfigError(f"registry.metric {reg.metric!r}: not a test metric, expected one of "
                           f"{sorted(retrained.test_metrics)}")
     value = retrained.test_metrics[reg.metric]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,12 @@ os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
+# The S3 key pair every Ray worker of the test session holds in its environment (runtime_env):
+# tests that use it get the key-free filesystem for Ray (no key pickled into experiment state).
+RAY_WORKER_KEY_ID = f"AKIDTUNEPIPE{uuid.uuid4().hex[:8].upper()}"
+RAY_WORKER_SECRET = f"SECRET-tunepipe-{uuid.uuid4().hex}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -37,7 +44,10 @@ def ray_local():
     started = False
     if not ray.is_initialized():
         # address="local": never join a `ray start` cluster some other test left recorded in /tmp/ray.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 runtime_env={"env_vars": {"AWS_ACCESS_KEY_ID": RAY_WORKER_KEY_ID,
+                                           "AWS_SECRET_ACCESS_KEY": RAY_WORKER_SECRET}},
+                 log_to_driver=False, configure_logging=False)
         started = True
     yield ray
     if started:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -101,12 +102,24 @@ def test_stage_that_fails_once_is_retried(env, monkeypatch):
 
 
 def _finished_trials(root) -> dict[str, int]:
-    """trial folder → number of results, for trials whose last result says done."""
+    """trial folder → number of results, for trials TERMINATED in the newest saved experiment state.
+
+    The experiment state is what a restore reads; a result.json saying "done" can be newer than it.
+    """
     out = {}
-    for f in root.glob("ray/*/trial_*/result.json"):
-        lines = [ln for ln in f.read_text().splitlines() if ln.strip()]
-        if lines and json.loads(lines[-1]).get("done"):
-            out[f.parent.name] = len(lines)
+    for exp in root.glob("ray/*"):
+        states = sorted(exp.glob("experiment_state-*.json"))
+        if not states:
+            continue
+        try:
+            state = json.loads(states[-1].read_text())
+        except (ValueError, OSError):  # caught mid-write; the next poll reads a whole file
+            continue
+        for trial_json, _ in state.get("trial_data", []):
+            trial = json.loads(trial_json)
+            result = exp / f"trial_{trial['trial_id']}" / "result.json"
+            if trial.get("status") == "TERMINATED" and result.is_file():
+                out[result.parent.name] = len([ln for ln in result.read_text().splitlines() if ln.strip()])
     return out
 
 
@@ -166,6 +179,13 @@ def test_batch_score_writes_a_prediction_per_row(env, tmp_path):
     src = tmp_path / "to_score.csv"
     rows.to_csv(src, index=False)
     result = batch_score(str(src), "flow-score")
+    # Warm start: the next run tries the champion's config first.
+    champion_cfg = mlflow.MlflowClient().get_model_version_by_alias("flow-score", "champion").tags[
+        "tunepipe.best_config"]
+    warm = flights_tuning(small_cfg(model="flow-score").model_copy(update={"warm_start_from_champion": True}))
+    expected = json.loads(champion_cfg)
+    tried = [json.loads(f.read_text()) for f in Path(warm["tuning"]["experiment_uri"]).glob("trial_*/params.json")]
+    assert any({k: t.get(k) for k in expected} == expected for t in tried)
     out = pd.read_parquet(result["output"])
     assert result["rows"] == len(out) == 300
     assert out["delay_probability"].between(0, 1).all()

@@ -19,7 +19,6 @@ import json
 import logging
 import re
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,14 @@ from typer.testing import CliRunner
 
 import flows.flights  # noqa: F401 - Prefect binds its log handlers at import: not inside CliRunner's streams
 from flows.cli import app
-from tests.conftest import ASA_SAMPLE, free_port
+from tests.conftest import ASA_SAMPLE, RAY_WORKER_KEY_ID, RAY_WORKER_SECRET, free_port
 
 pytestmark = pytest.mark.slow
 
 # moto accepts any credentials unless told to check them.
-SECRET = f"SECRET-tunepipe-{uuid.uuid4().hex}"
-KEY_ID = f"AKIDTUNEPIPE{uuid.uuid4().hex[:8].upper()}"
+# The pair the session's Ray workers hold (conftest.ray_local), as a cluster started by tunepipe would.
+SECRET = RAY_WORKER_SECRET
+KEY_ID = RAY_WORKER_KEY_ID
 
 
 # Ray Tune's experiment state files: tuner.pkl, experiment_state-*.json, <searcher>-state-*.json.
@@ -145,14 +145,10 @@ def test_pipeline_on_s3_writes_the_secret_nowhere(secret_env, prefect_harness, r
         "summary json": summary.read_text(), **_prefect_outputs(), **_mlflow_outputs(), **objects,
         **_local_files(tmp_path),
     }
-    leaked = leaks(outputs)
-    ray_state = [k for k in leaked if RAY_STATE.search(k)]
-    assert [k for k in leaked if k not in ray_state] == []
-    if ray_state:
-        # Known leak (see docs/SECURITY.md): Ray Tune pickles RunConfig.storage_filesystem, i.e. the
-        # pyarrow S3FileSystem with the keys it was built with, into the experiment state it syncs to
-        # the bucket. Everything else above is checked; this marks the test xfail until that is fixed.
-        pytest.xfail(f"Ray experiment state on the bucket holds the S3 secret key: {sorted(ray_state)}")
+    # Ray Tune pickles its storage filesystem into the experiment state on the bucket (tuner.pkl,
+    # *-state-*.json): the filesystem tunepipe hands Ray carries no keys when the workers hold them.
+    assert leaks(outputs) == []
+    assert any(RAY_STATE.search(k) for k in outputs), "the Ray experiment state was not searched"
 
 
 @pytest.fixture
