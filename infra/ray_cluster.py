@@ -104,7 +104,11 @@ def workers_hold_keys(settings: Settings) -> bool:
         return hashlib.sha256(pair.encode()).hexdigest() == expected
 
     try:
-        return bool(ray.get(_same_keys.remote(want), timeout=60))
+        same = bool(ray.get(_same_keys.remote(want), timeout=60))
+        if not same:
+            log.warning("Ray workers do not hold the S3 keys in their environment: the filesystem handed to "
+                        "Ray Tune carries them, and Ray pickles it into the experiment state (docs/SECURITY.md)")
+        return same
     except Exception:  # noqa: BLE001 - cannot tell: carry the keys rather than fail the stage
         log.warning("could not check the S3 keys of Ray workers; the filesystem carries them", exc_info=True)
         return False
