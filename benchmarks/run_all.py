@@ -1,6 +1,7 @@
 """Run every benchmark, each in its own process, and write the combined results.
 
     python -m benchmarks.run_all [--only NAME ...] [--skip NAME ...] [--results-dir benchmarks/results]
+                                 [--wait-idle LOAD] [--quick]
 
 Writes ``<results-dir>/<YYYY-MM-DD>.json`` (top-level sections ``scheduling``, ``pipeline_overhead``,
 ``search_efficiency``, ``data_stage``, ``fashion_mnist``, plus ``environment`` and ``runs``), a
@@ -43,6 +44,18 @@ QUICK: dict[str, list[str]] = {
 }
 
 
+def wait_for_idle(max_load: float, max_wait_s: float) -> float:
+    """Wait until the 1-minute load average is below ``max_load`` (at most ``max_wait_s``); returns seconds waited.
+
+    Wall-time ratios measured beside other heavy work mostly measure that work; on a shared
+    machine this trades waiting for cleaner numbers.
+    """
+    t0 = time.perf_counter()
+    while os.getloadavg()[0] >= max_load and time.perf_counter() - t0 < max_wait_s:
+        time.sleep(15)
+    return time.perf_counter() - t0
+
+
 def run_one(section: str, module: str, args: list[str], out_dir: Path, stamp: str) -> tuple[dict[str, Any], dict]:
     """Run ``python -m benchmarks.<module> --out FILE``; returns (its section, run info)."""
     png = out_dir / f"{stamp}-{section.replace('_', '-')}.png"
@@ -52,10 +65,12 @@ def run_one(section: str, module: str, args: list[str], out_dir: Path, stamp: st
         cmd = [sys.executable, "-m", f"benchmarks.{module}", "--out", str(out), *argv]
         shown = " ".join(["python", "-m", f"benchmarks.{module}", *argv]).replace(str(out_dir), _rel(out_dir))
         print(f"\n=== {section}: {shown}", flush=True)
+        load_before = [round(x, 2) for x in os.getloadavg()]
         t0 = time.perf_counter()
         done = subprocess.run(cmd, cwd=HERE.parent)
         wall = time.perf_counter() - t0
-        info: dict[str, Any] = {"command": shown, "wall_s": round(wall, 1), "exit_code": done.returncode}
+        info: dict[str, Any] = {"command": shown, "wall_s": round(wall, 1), "exit_code": done.returncode,
+                                "loadavg_before": load_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
         if done.returncode != 0 or not out.exists():
             print(f"=== {section}: FAILED (exit code {done.returncode})", flush=True)
             return {"error": f"exit code {done.returncode}", "command": shown}, info
@@ -160,7 +175,8 @@ def markdown(results: dict[str, Any], stamp: str) -> str:
                   *(f"| &nbsp; task {k} | {v} |" for k, v in p["pipeline"]["tasks_s"].items()),
                   f"| bare Ray Tune (ray.init + run_tuning) | {p['bare']['wall_s']} |"]
     lines += ["", "## Commands", ""]
-    lines += [f"- `{run['command']}` ({run['wall_s']} s, exit {run['exit_code']})"
+    lines += [f"- `{run['command']}` ({run['wall_s']} s, exit {run['exit_code']}, load average "
+              f"{run['loadavg_before'][0]} before / {run['loadavg_after'][0]} after)"
               for run in results.get("runs", {}).values()]
     lines += ["", "Full results: the JSON file of the same name."]
     return "\n".join(lines) + "\n"
@@ -173,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--date", default=dt.date.today().isoformat(), help="file stem (default: today)")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the plumbing, numbers mean nothing")
+    p.add_argument("--wait-idle", type=float, metavar="LOAD",
+                   help="before each benchmark, wait until the 1-min load average is below LOAD")
+    p.add_argument("--wait-max", type=float, default=1800, help="longest wait per benchmark, seconds (default 1800)")
     a = p.parse_args(argv)
     a.results_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
@@ -187,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n=== {section}: benchmarks/{module}.py not present, skipped", flush=True)
             results[section] = {"skipped": f"benchmarks/{module}.py not present"}
             continue
+        if a.wait_idle:
+            waited = wait_for_idle(a.wait_idle, a.wait_max)
+            print(f"\n=== {section}: waited {waited:.0f} s for load < {a.wait_idle} "
+                  f"(now {os.getloadavg()[0]:.2f})", flush=True)
         extra = QUICK.get(section, []) if a.quick else []
         results[section], info = run_one(section, module, [*args, *extra], a.results_dir, a.date)
         results["runs"][section] = info
