@@ -42,6 +42,7 @@ def log_flights_model(run_id: str, booster: Any, example: pd.DataFrame, categori
             elif pd.api.types.is_float_dtype(plain[c].dtype):
                 plain[c] = plain[c].astype("float64")
         wrapper = FlightDelayModel()
+        _activate_experiment_of(run_id)
         with mlflow.start_run(run_id=run_id):
             if dataset is not None:
                 mlflow.log_input(dataset, context="training")
@@ -70,6 +71,7 @@ def log_torch_model(run_id: str, model: Any, example: np.ndarray, dataset: Any |
     model = model.to("cpu").eval()
     with torch.no_grad():
         out = model(torch.as_tensor(example[:5])).numpy()
+    _activate_experiment_of(run_id)
     with mlflow.start_run(run_id=run_id):
         if dataset is not None:
             mlflow.log_input(dataset, context="training")
@@ -79,6 +81,14 @@ def log_torch_model(run_id: str, model: Any, example: np.ndarray, dataset: Any |
             pip_requirements=["mlflow", "torch", "numpy"],
         )
     return info.model_uri
+
+
+def _activate_experiment_of(run_id: str) -> None:
+    """Make the run's experiment the active one: mlflow.start_run(run_id=...) refuses to resume a run
+    of another experiment than the one an earlier set_experiment() in this process selected."""
+    import mlflow
+
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
 
 
 def dataset_input(df: pd.DataFrame, source: str, name: str, digest: str) -> Any:

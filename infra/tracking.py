@@ -62,6 +62,14 @@ class Tracker:
             os.environ.setdefault(k, v)
         # MLflow's S3 client reads its endpoint from the environment only: this tracker's endpoint wins.
         os.environ.update(mlflow_s3_env(settings))
+        # MLflow caches boto3 clients by endpoint, not by the credentials read from the environment:
+        # after keys change in-process (another bucket, rotated keys) a cached client signs with the old ones.
+        try:
+            from mlflow.store.artifact.s3_artifact_repo import _cached_get_s3_client
+
+            _cached_get_s3_client.cache_clear()
+        except (ImportError, AttributeError):  # pragma: no cover - private helper moved in another MLflow
+            pass
         self.settings = settings
         self.storage = storage
         self.uri = settings.mlflow_tracking_uri or default_tracking_uri(storage)
