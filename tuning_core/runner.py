@@ -7,12 +7,14 @@ Ray's ResultGrid into a typed ``TuningResult`` with a leaderboard and learning c
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
+import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pandas as pd
@@ -130,6 +132,35 @@ def _stopper(cfg: TuneConfig) -> Callable[[str, dict[str, Any]], bool]:
     return stop
 
 
+def _file_loggers() -> list[Any]:
+    """The result-file loggers Ray Tune would add by itself, without its TensorBoard one.
+
+    ``result.json`` is what the ResultGrid reads back for each trial's history; ``progress.csv`` is
+    for people. Ray's default TensorBoard logger is left out: it imports tensorboardX and with it
+    torch on the driver (about 4.5 s before the first trial starts, and ~300 MB) and writes an
+    event file per result, which the leaderboard, the curves and MLflow already cover
+    (measured by ``benchmarks/tune_overhead.py``).
+    """
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [CSVLoggerCallback(), JsonLoggerCallback()]
+
+
+@contextlib.contextmanager
+def _only_our_loggers() -> Iterator[None]:
+    """Keep ``Tuner.fit`` from adding its default loggers; ours come from ``_file_loggers``."""
+    key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # read once, when fit builds its callbacks
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 def run_tuning(
     trainable: Callable[..., None],
     data: dict[str, Any],
@@ -171,7 +202,7 @@ def run_tuning(
         tuner = tune.Tuner.restore(exp_path, wrapped, resume_errored=True, storage_filesystem=storage_fs)
         # Our callbacks are not pickled with the experiment (see DriverOnly); re-attach fresh ones.
         # Tuner.restore has no callbacks argument, hence the private attribute.
-        tuner._local_tuner.get_run_config().callbacks = cbs  # noqa: SLF001
+        tuner._local_tuner.get_run_config().callbacks = [*cbs, *_file_loggers()]  # noqa: SLF001
     else:
         if isinstance(storage_fs, pafs.LocalFileSystem):
             storage_fs.create_dir(storage_path, recursive=True)
@@ -195,10 +226,11 @@ def run_tuning(
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None if cfg.scheduler == "pbt" else 2,
                                                         checkpoint_score_attribute=cfg.metric,
                                                         checkpoint_score_order=cfg.mode),
-                stop=_stopper(cfg), callbacks=cbs, verbose=0,
+                stop=_stopper(cfg), callbacks=[*cbs, *_file_loggers()], verbose=0,
             ),
         )
-    grid = tuner.fit()
+    with _only_our_loggers():
+        grid = tuner.fit()
     wall = time.monotonic() - started
     live_rows = cbs[0].inner.rows
     return _collect(grid, cfg, name, uri_prefix + exp_path, resumed, wall, storage_fs, exp_path, live_rows)
