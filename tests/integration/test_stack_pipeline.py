@@ -141,7 +141,8 @@ def test_flow_writes_data_experiment_and_model_artifacts_into_the_bucket(flow_su
 def test_registered_champion_is_visible_through_the_mlflow_server(flow_summary, stack_env):
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=stack_env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(tracking_uri=stack_env["MLFLOW_TRACKING_URI"],
+                          registry_uri=stack_env["MLFLOW_TRACKING_URI"])  # not a process-wide registry URI
     version = client.get_model_version_by_alias(MODEL, "champion")
     assert version.version == flow_summary["registry"]["version"]
     assert version.run_id == flow_summary["retrain"]["mlflow_run_id"]
