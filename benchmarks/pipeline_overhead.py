@@ -1,6 +1,7 @@
 """What the Prefect pipeline costs on top of bare Ray Tune, measured side by side in one process.
 
-    python -m benchmarks.pipeline_overhead [--trials 16] [--rounds 100] [--max-rows 0] [--out FILE.json]
+    python -m benchmarks.pipeline_overhead [--trials 16] [--rounds 100] [--max-rows 0] [--search random]
+                                           [--scheduler fifo] [--out FILE.json]
 
 Measured, in this order, with the heavy shared imports (Ray Tune, searchers, matplotlib, MLflow)
 done first so neither side pays them (their time is reported as ``imports_s``):
@@ -9,7 +10,8 @@ done first so neither side pays them (their time is reported as ``imports_s``):
    (a local server on a temp database, as ``tunepipe run`` does with no PREFECT_API_URL); the
    second shows the per-flow cost once it is up. Then the MLflow SQLite store is created (schema
    migrations), which a first run also pays once. ``startup = empty_cold - empty_warm + mlflow``.
-2. **pipeline**: ``flows.flights.flights_tuning`` with ``--trials`` HyperOpt + ASHA trials, MLflow
+2. **pipeline**: ``flows.flights.flights_tuning`` with ``--trials`` trials (random search + FIFO by
+   default, so that both sides run exactly the same trials; ``--search``/``--scheduler``), MLflow
    on a temp SQLite file, storage in a temp folder, a local Ray with 2 CPUs: prepare → tune →
    retrain → register → report, plus MLflow logging of every trial. The wall is measured with the
    API already up; its task breakdown is read back from the Prefect API.
@@ -18,9 +20,9 @@ done first so neither side pays them (their time is reported as ``imports_s``):
 
     ratio = pipeline wall / bare wall          (target <= 1.10)
 
-Trial work differs slightly between the two (asynchronous HyperOpt + ASHA depends on which trial
-reports first), so the sum of trial time of each side is printed too, and a ratio with each side's
-trial work taken out (``overhead_only``).
+The sum of trial time of each side is printed too, and each side's wall minus its trial work
+(``overhead_only``): with an asynchronous searcher and scheduler the trial work itself differs
+between the two runs.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ from benchmarks.common import (
     write_json,
 )
 
-DEFAULTS = {"trials": 16, "rounds": 100, "max_rows": None, "seed": 0}
+# Random search + FIFO by default: the same seed then gives both sides exactly the same trials, so
+# the difference is the pipeline and not the trial work (asynchronous HyperOpt + ASHA depends on
+# which trial reports first, and its total trial time varied 2x between two runs here).
+DEFAULTS = {"trials": 16, "rounds": 100, "max_rows": None, "seed": 0, "search": "random", "scheduler": "fifo"}
 TARGET = 1.10
 
 
@@ -91,7 +96,8 @@ def _task_breakdown(flow_run_id: Any) -> dict[str, float]:
 
 
 def measure(trials: int = DEFAULTS["trials"], rounds: int = DEFAULTS["rounds"],
-            max_rows: int | None = DEFAULTS["max_rows"], seed: int = DEFAULTS["seed"]) -> dict[str, Any]:
+            max_rows: int | None = DEFAULTS["max_rows"], seed: int = DEFAULTS["seed"],
+            search: str = DEFAULTS["search"], scheduler: str = DEFAULTS["scheduler"]) -> dict[str, Any]:
     """Run the three measurements; returns the ``pipeline_overhead`` section of the results."""
     quiet_env()
     tmp = tempfile.mkdtemp(prefix="tunepipe-bench-pipe-")
@@ -115,7 +121,7 @@ def measure(trials: int = DEFAULTS["trials"], rounds: int = DEFAULTS["rounds"],
         empty_warm = time.perf_counter() - t0
         mlflow_init = _init_mlflow_store()
 
-        tune = TuneConfig(search="hyperopt", scheduler="asha", num_samples=trials, max_iterations=rounds,
+        tune = TuneConfig(search=search, scheduler=scheduler, num_samples=trials, max_iterations=rounds,
                           max_concurrent_trials=2, resources=Resources(cpu=1), seed=seed)
         cfg = FlightsPipeline(data=FlightsData(max_rows=max_rows), tune=tune)
         t0 = time.perf_counter()
@@ -137,7 +143,7 @@ def measure(trials: int = DEFAULTS["trials"], rounds: int = DEFAULTS["rounds"],
         over_flow = flow_wall - flow_trial_s / 2 if flow_trial_s is not None else None
         over_bare = bare_wall - bare_trial_s / 2
         return {
-            "config": {"trials": trials, "rounds": rounds, "search": "hyperopt", "scheduler": "asha", "seed": seed,
+            "config": {"trials": trials, "rounds": rounds, "search": search, "scheduler": scheduler, "seed": seed,
                        "max_concurrent_trials": 2, "ray_num_cpus": 2, "max_rows": max_rows},
             "data": splits.describe(),
             "startup": {"imports_s": r(imports_s, 2), "empty_flow_cold_s": r(empty_cold, 2),
@@ -177,7 +183,7 @@ def _flow_trial_seconds(summary: dict[str, Any]) -> float | None:
 def show(res: dict[str, Any]) -> None:
     s, p, b, c = res["startup"], res["pipeline"], res["bare"], res["config"]
     print(f"data: {res['data']['rows']} rows (nycflights13, time split, max_rows={c['max_rows']}); "
-          f"{c['trials']} trials hyperopt+asha, {c['rounds']} rounds max, 2 x 1 CPU")
+          f"{c['trials']} trials {c['search']}+{c['scheduler']}, {c['rounds']} rounds max, 2 x 1 CPU")
     print(f"fixed start-up: empty flow cold {s['empty_flow_cold_s']} s, warm {s['empty_flow_warm_s']} s "
           f"-> Prefect ephemeral API start ~{s['prefect_api_start_s']} s; MLflow SQLite store creation "
           f"{s['mlflow_store_init_s']} s; together {s['fixed_startup_s']} s")
@@ -199,9 +205,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=DEFAULTS["rounds"])
     p.add_argument("--max-rows", type=int, default=0, help="earliest N flights (0, the default: all)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--search", default=DEFAULTS["search"])
+    p.add_argument("--scheduler", default=DEFAULTS["scheduler"])
     p.add_argument("--out", help="write {'pipeline_overhead': ...} as JSON here")
     a = p.parse_args(argv)
-    res = measure(a.trials, a.rounds, a.max_rows or None, a.seed)
+    res = measure(a.trials, a.rounds, a.max_rows or None, a.seed, a.search, a.scheduler)
     res["environment"] = environment()
     if a.out:
         write_json(a.out, {"pipeline_overhead": res})

@@ -7,8 +7,9 @@ Writes ``<results-dir>/<YYYY-MM-DD>.json`` (top-level sections ``scheduling``, `
 ``search_efficiency``, ``data_stage``, ``fashion_mnist``, plus ``environment`` and ``runs``), a
 markdown summary ``<YYYY-MM-DD>.md`` and the plots ``<YYYY-MM-DD>-*.png``. A benchmark whose
 module is missing is skipped; one that fails is recorded with its exit code and the others still
-run (the exit status is then 1). ``make bench`` runs this with the default budgets (about 20
-minutes on 2 cores).
+run (the exit status is then 1). With ``--only``/``--skip``, the sections run replace theirs in an
+existing results file of the same date and the others are kept. ``make bench`` runs this with the
+default budgets (about 20 minutes on an idle 2-core machine).
 """
 
 from __future__ import annotations
@@ -210,7 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     a.results_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
     env["loadavg_before"] = env.pop("loadavg_1_5_15")
+    json_path = a.results_dir / f"{a.date}.json"
+    md_path = a.results_dir / f"{a.date}.md"
     results: dict[str, Any] = {"date": a.date, "quick": a.quick, "environment": env, "runs": {}}
+    if (a.only or a.skip) and json_path.exists():
+        # A partial rerun updates its sections of the day's results and keeps the others.
+        previous = json.loads(json_path.read_text())
+        results = {**previous, "environment": env, "runs": dict(previous.get("runs", {}))}
     failed = False
     started = time.perf_counter()
     for section, (module, args) in BENCHMARKS.items():
@@ -230,8 +237,6 @@ def main(argv: list[str] | None = None) -> int:
         failed |= info["exit_code"] != 0
     results["environment"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     results["total_wall_s"] = round(time.perf_counter() - started, 1)
-    json_path = a.results_dir / f"{a.date}.json"
-    md_path = a.results_dir / f"{a.date}.md"
     write_json(json_path, results)
     md_path.write_text(markdown(results, a.date))
     print(f"\nwrote {_rel(json_path)} and {_rel(md_path)} (total {results['total_wall_s']} s)")

@@ -55,6 +55,7 @@ class Tracker:
     """MLflow client bound to one tracking URI and the storage root's artifact location."""
 
     def __init__(self, settings: Settings, storage: Storage) -> None:
+        import boto3
         import mlflow
         from mlflow import MlflowClient
 
@@ -62,8 +63,10 @@ class Tracker:
             os.environ.setdefault(k, v)
         # MLflow's S3 client reads its endpoint from the environment only: this tracker's endpoint wins.
         os.environ.update(mlflow_s3_env(settings))
-        # MLflow caches boto3 clients by endpoint, not by the credentials read from the environment:
-        # after keys change in-process (another bucket, rotated keys) a cached client signs with the old ones.
+        # MLflow caches boto3 clients by endpoint, not by the credentials read from the environment, and
+        # builds them from boto3's default session, which keeps the first credentials it resolved: after
+        # keys change in-process (another bucket, rotated keys) either would sign with the old ones.
+        boto3.DEFAULT_SESSION = None
         try:
             from mlflow.store.artifact.s3_artifact_repo import _cached_get_s3_client
 

@@ -429,3 +429,26 @@ def test_check_names_an_unreachable_tracking_server_in_one_line(local_settings, 
     with pytest.raises(ServiceUnavailable, match=r"MLflow tracking URI http://127\.0\.0\.1:\d+: unreachable") as err:
         tracker.check()
     assert "\n" not in str(err.value)
+
+
+def test_tracker_drops_s3_credentials_cached_before_the_keys_changed(local_settings, monkeypatch):
+    """MLflow uploads with boto3's default session, which keeps the first keys it resolved (the CI failure:
+    a stack's keys set after an earlier test's left uploads signed with the old, unknown key)."""
+    import boto3
+    from mlflow.store.artifact.s3_artifact_repo import _get_s3_client
+
+    from infra.storage import build_storage
+    from infra.tracking import Tracker
+
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # put back afterwards: later tests keep theirs
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "old-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "old-secret")
+    assert _get_s3_client(s3_endpoint_url="http://127.0.0.1:1")._request_signer._credentials.access_key \
+        == "old-key-id"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "new-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "new-secret")
+    assert boto3.DEFAULT_SESSION.get_credentials().access_key == "old-key-id"  # the trap itself
+
+    Tracker(local_settings, build_storage(local_settings))
+    client = _get_s3_client(s3_endpoint_url="http://127.0.0.1:1")
+    assert client._request_signer._credentials.access_key == "new-key-id"
