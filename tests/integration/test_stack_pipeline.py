@@ -12,12 +12,16 @@ at the stack's server for the run (a subprocess with the stack's env would see t
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from infra import stack
-from tests.conftest import ASA_SAMPLE
+from tests.conftest import ASA_SAMPLE, ROOT
 from tuning_core.config import FlightsData, FlightsPipeline, RegistryConfig, TuneConfig
 
 pytestmark = pytest.mark.integration
@@ -157,6 +161,39 @@ def test_flow_run_is_recorded_by_the_stack_prefect_server(flow_summary, stack_en
         runs = client.read_flow_runs()
     assert [r.state.type.value for r in runs] == ["COMPLETED"]
     assert runs[0].name.startswith(f"flights-{flow_summary['data']['version'][:10]}")
+
+
+def test_deploy_all_then_a_triggered_deployment_runs_on_the_stack_worker(flow_summary, stack_dir, stack_env):
+    """`prefect deploy --all` against the stack's server; a run triggered as the UI does is picked up and
+    executed by the stack's own worker, with the stack's env (champion from its MLflow, output in its bucket)."""
+    import os
+
+    from prefect.client.orchestration import get_client
+
+    cli_env = {**os.environ, **stack_env, "CI": "true"}
+    deployed = subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
+                              env=cli_env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+
+    with get_client(sync_client=True) as client:
+        names = {d.name for d in client.read_deployments()}
+        assert {"flights-nightly", "fashion-mnist-manual", "batch-score"} <= names
+        deployment = client.read_deployment_by_name("batch-score/batch-score")
+        assert deployment.work_pool_name == stack.WORK_POOL
+        run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"source": str(ASA_SAMPLE), "model_name": MODEL})
+        deadline = time.monotonic() + 300
+        while not (run := client.read_flow_run(run.id)).state.is_final() and time.monotonic() < deadline:
+            time.sleep(2)
+    worker_log = (stack_dir / "logs" / "worker.log").read_text()
+    assert run.state.is_completed(), f"{run.state!r}\n{worker_log[-3000:]}"
+    assert run.infrastructure_pid, "no worker started a process for the run"
+    assert str(run.id) in worker_log  # the stack's worker (the only one on its pool) submitted it
+
+    version = flow_summary["registry"]["version"]
+    predictions = _keys(stack_env, f"root/predictions/{MODEL}-v{version}/")
+    assert any(k.endswith(".parquet") for k in predictions), predictions
 
 
 @pytest.mark.filterwarnings("ignore:Add type hints")
