@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import math
@@ -217,14 +218,20 @@ def recorder_callback() -> Any:
 
     ``events`` gets one dict per result: ``t`` (perf_counter), ``trial_id``, ``iteration``,
     ``time_total_s`` (the trial's own clock) and the metrics ``auc``/``logloss`` when present.
-    ``completed`` gets ``(t, trial_id)`` per finished trial.
+    ``started``/``completed`` get ``(t, trial_id)`` per started (running) / finished trial.
     """
     from ray.tune import Callback
 
     class Recorder(Callback):
         def __init__(self) -> None:
             self.events: list[dict[str, Any]] = []
+            self.started: list[tuple[float, str]] = []
             self.completed: list[tuple[float, str]] = []
+            self.t0: float | None = None  # set around the measured call (see run_ray_tuning)
+            self.t_end: float | None = None
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started.append((time.perf_counter(), trial.trial_id))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self.events.append({"t": time.perf_counter(), "trial_id": trial.trial_id,
@@ -253,10 +260,11 @@ def run_ray_tuning(splits: FlightsSplits, cfg: TuneConfig, storage_root: str, na
     rec = recorder_callback()
     fs = pafs.LocalFileSystem()
     storage = f"{storage_root.rstrip('/')}/ray"
-    t0 = time.perf_counter()
+    rec.t0 = time.perf_counter()
     result = run_tuning(train_xgboost, {"train": splits.train, "valid": splits.valid}, space or FLIGHTS_SPACE,
                         cfg, fs, storage, name, callbacks=[rec])
-    return result, rec, time.perf_counter() - t0
+    rec.t_end = time.perf_counter()
+    return result, rec, rec.t_end - rec.t0
 
 
 def worker_startup(rec: Any, concurrency: int = 2) -> dict[str, float]:
@@ -276,6 +284,36 @@ def worker_startup(rec: Any, concurrency: int = 2) -> dict[str, float]:
         return {}
     typical = float(np.median(rest))
     return {t: max(0.0, first[t] - typical) for t in order[:concurrency]}
+
+
+def slot_breakdown(rec: Any, concurrency: int) -> dict[str, float]:
+    """Where the ``concurrency`` trial slots' time went during a recorded run, in slot-seconds.
+
+    Each trial occupies a slot from its start (actor running) to its completion, as the driver saw
+    them. Trials are laid onto slots greedily in start order (a slot is free again once its trial
+    completed), so the breakdown does not depend on which actor process ran what. Returns
+    ``before_first_trial_s`` (from the call's start to each slot's first trial: Tuner set-up, actor
+    start), ``between_trials_s`` (a slot idle between two of its trials: driver round trip, searcher,
+    actor reset), ``after_last_trial_s`` (the tail: a slot idle after its last trial while others
+    still run, then the end of the run) and ``in_trials_s`` (sum of the driver-seen trial spans).
+    """
+    start = dict((tid, t) for t, tid in rec.started)
+    done = dict((tid, t) for t, tid in rec.completed)
+    spans = sorted((start[tid], done[tid]) for tid in start if tid in done)
+    slots: list[list[tuple[float, float]]] = [[] for _ in range(concurrency)]
+    for s0, s1 in spans:
+        free = min(range(concurrency), key=lambda i: slots[i][-1][1] if slots[i] else -math.inf)
+        slots[free].append((s0, s1))
+    out = {"before_first_trial_s": 0.0, "between_trials_s": 0.0, "after_last_trial_s": 0.0, "in_trials_s": 0.0}
+    for spans_ in slots:
+        if not spans_:
+            out["after_last_trial_s"] += rec.t_end - rec.t0
+            continue
+        out["before_first_trial_s"] += spans_[0][0] - rec.t0
+        out["between_trials_s"] += sum(max(0.0, b[0] - a[1]) for a, b in itertools.pairwise(spans_))
+        out["after_last_trial_s"] += rec.t_end - spans_[-1][1]
+        out["in_trials_s"] += sum(s1 - s0 for s0, s1 in spans_)
+    return {k: round(v, 2) for k, v in out.items()}
 
 
 def anytime_curve(rec: Any, exclude: dict[str, float] | None = None) -> list[tuple[float, float]]:

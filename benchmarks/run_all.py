@@ -121,6 +121,12 @@ def _headline(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                      f"≤ {ray['target']}: {_fmt(ray['meets_target'])}"))
         rows.append(("scheduling", "wall of tuning stage / Σ trial time (s)",
                      f"{ray['wall_s']} / {ray['sum_trial_s']}", ""))
+        if "slot_s" in ray:
+            sl = ray["slot_s"]
+            rows.append(("scheduling", "slot-seconds before the first trial / between trials / tail after the last",
+                         f"{sl['before_first_trial_s']} / {sl['between_trials_s']} / {sl['after_last_trial_s']}", ""))
+            rows.append(("scheduling", "same ratio without the start and the tail", _fmt(ray["ratio_without_edges"]),
+                         ""))
         if "fmin" in s:
             rows.append(("scheduling", f"Ray Tune (2 CPUs, ASHA) / hyperopt fmin (1 CPU, no early stop) wall "
                          f"({ray['wall_s']} s / {s['fmin']['wall_s']} s)", _fmt(s["ray_over_fmin"]), ""))

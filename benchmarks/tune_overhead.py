@@ -39,6 +39,7 @@ from benchmarks.common import (
     r,
     run_fmin,
     run_ray_tuning,
+    slot_breakdown,
     warm_imports,
     worker_startup,
     write_json,
@@ -73,6 +74,8 @@ def measure(max_rows: int | None = DEFAULTS["max_rows"], rounds: int = DEFAULTS[
         ratio = wall / ideal
         iterations = sum(t.iterations for t in result.trials)
         startup = sum(worker_startup(rec, concurrency).values())
+        slots = slot_breakdown(rec, concurrency)
+        edges = slots["before_first_trial_s"] + slots["after_last_trial_s"]
         out: dict[str, Any] = {
             "config": {"search": "hyperopt", "scheduler": "asha", "trials": trials, "rounds": rounds, "seed": seed,
                        "max_concurrent_trials": concurrency, "cpu_per_trial": 1, "ray_num_cpus": concurrency,
@@ -95,6 +98,11 @@ def measure(max_rows: int | None = DEFAULTS["max_rows"], rounds: int = DEFAULTS[
                 "worker_startup_in_trial_time_s": r(startup, 2),
                 "ratio_startup_as_overhead": r(wall / ((sum_s - startup) / concurrency), 3),
                 "trial_s": [r(x, 2) for x in trial_s],
+                # wall x concurrency split by what each slot was doing (see benchmarks.common.slot_breakdown).
+                "slot_s": slots,
+                # Without the experiment's two edges (before the first trial, the tail after the last):
+                # what scheduling costs per trial once trials are flowing.
+                "ratio_without_edges": r((wall * concurrency - edges) / sum_s, 3),
             },
         }
         if not skip_fmin:
@@ -119,6 +127,11 @@ def show(res: dict[str, Any]) -> None:
     print(f"  concurrency              {c['max_concurrent_trials']:8d}")
     print(f"  ideal wall (sum/conc)    {ray['ideal_wall_s']:8.2f} s")
     print(f"  overhead per trial       {ray['overhead_s_per_trial']:8.3f} CPU-slot-s")
+    sl = ray["slot_s"]
+    print(f"  slot-seconds (wall x {c['max_concurrent_trials']}): in trials {sl['in_trials_s']}, "
+          f"before the first trial {sl['before_first_trial_s']}, between trials {sl['between_trials_s']}, "
+          f"after the last trial (tail) {sl['after_last_trial_s']}")
+    print(f"  ratio without the start and the tail {ray['ratio_without_edges']}")
     print(f"  worker start-up in trials {ray['worker_startup_in_trial_time_s']:7.2f} s   (ratio counting it as "
           f"overhead: {ray['ratio_startup_as_overhead']})")
     cs = ray["cpu_s"]

@@ -72,6 +72,9 @@ def _driver_callbacks(cfg: TuneConfig, progress: Progress | None, extra: list[An
             except Exception:  # noqa: BLE001 - Ray would mark the trial as errored; observers must not
                 log.warning("tuning callback %s.%s failed", type(self.inner).__name__, hook, exc_info=True)
 
+        def on_trial_start(self, *args, **kwargs):
+            self._call("on_trial_start", *args, **kwargs)
+
         def on_trial_result(self, *args, **kwargs):
             self._call("on_trial_result", *args, **kwargs)
 
