@@ -38,6 +38,7 @@ RAY_ENV = {
     "RAY_AIR_NEW_OUTPUT": "0",
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "GIT_PYTHON_REFRESH": "quiet",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # as `tunepipe run` (flows.cli)
     # Ray starts its workers at nice 15. On a dedicated machine that changes nothing; on a shared one
     # it hands trial CPU to everything else (and to the un-niced fmin reference), so trial times
     # would measure the neighbours. Same priority for all keeps the comparison fair.
@@ -443,6 +444,16 @@ def run_fmin(train: pd.DataFrame, valid: pd.DataFrame, rounds: int, num_samples:
 
 
 # --------------------------------------------------------------------------- output
+def finish(section: str, res: dict[str, Any], out: str | None, show: Any) -> dict[str, Any]:
+    """The end of every benchmark's ``main``: add the environment, write ``{section: res}`` to
+    ``out`` when given, print the figures with ``show(res)``; returns ``res``."""
+    res["environment"] = environment()
+    if out:
+        write_json(out, {section: res})
+    show(res)
+    return res
+
+
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import environment, quiet_env, r, write_json
+from benchmarks.common import finish, quiet_env, r
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion-mnist-2k"
 BASELINE = "cnn+asha"
@@ -237,11 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", help="write {'fashion_mnist': ...} as JSON here")
     a = p.parse_args(argv)
     res = measure(a.data, full=a.full_gpu, seed=a.seed)
-    res["environment"] = environment()
-    if a.out:
-        write_json(a.out, {"fashion_mnist": res})
-    show(res)
-    return res
+    return finish("fashion_mnist", res, a.out, show)
 
 
 if __name__ == "__main__":

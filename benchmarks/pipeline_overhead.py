@@ -35,14 +35,13 @@ import time
 from typing import Any
 
 from benchmarks.common import (
-    environment,
+    finish,
     local_ray,
     prepare_flights,
     quiet_env,
     r,
     run_ray_tuning,
     warm_imports,
-    write_json,
 )
 
 # Random search + FIFO by default: the same seed then gives both sides exactly the same trials, so
@@ -210,11 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", help="write {'pipeline_overhead': ...} as JSON here")
     a = p.parse_args(argv)
     res = measure(a.trials, a.rounds, a.max_rows or None, a.seed, a.search, a.scheduler)
-    res["environment"] = environment()
-    if a.out:
-        write_json(a.out, {"pipeline_overhead": res})
-    show(res)
-    return res
+    return finish("pipeline_overhead", res, a.out, show)
 
 
 if __name__ == "__main__":

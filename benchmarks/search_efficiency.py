@@ -49,7 +49,7 @@ from benchmarks.common import (
     FminRun,
     anytime_curve,
     cpu_to_reach,
-    environment,
+    finish,
     local_ray,
     prepare_flights,
     quiet_env,
@@ -57,7 +57,6 @@ from benchmarks.common import (
     run_fmin,
     run_ray_tuning,
     worker_startup,
-    write_json,
 )
 
 # 150k rows (train January to April, validate to late May, test to mid-June): enough signal for
@@ -286,11 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--png", help="write the AUC vs CPU-seconds plot here")
     a = p.parse_args(argv)
     res = measure(a.seeds, a.trials, a.rounds, a.max_rows or None, a.png)
-    res["environment"] = environment()
-    if a.out:
-        write_json(a.out, {"search_efficiency": res})
-    show(res)
-    return res
+    return finish("search_efficiency", res, a.out, show)
 
 
 if __name__ == "__main__":

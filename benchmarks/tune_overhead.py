@@ -32,7 +32,7 @@ from typing import Any
 
 from benchmarks.common import (
     CpuMeter,
-    environment,
+    finish,
     local_ray,
     prepare_flights,
     quiet_env,
@@ -42,7 +42,6 @@ from benchmarks.common import (
     slot_breakdown,
     warm_imports,
     worker_startup,
-    write_json,
 )
 
 # The whole table: with fewer rows each trial is so short that the experiment's fixed start-up
@@ -158,11 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", help="write {'scheduling': ...} as JSON here")
     a = p.parse_args(argv)
     res = measure(a.max_rows or None, a.rounds, a.trials, a.seed, skip_fmin=a.skip_fmin)
-    res["environment"] = environment()
-    if a.out:
-        write_json(a.out, {"scheduling": res})
-    show(res)
-    return res
+    return finish("scheduling", res, a.out, show)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ def _quiet_env() -> None:
                  # Prefect's ephemeral API can take longer than its 20 s default on a busy machine.
                  "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
                  "PREFECT_LOGGING_EXTRA_LOGGERS": "tuning_core,infra",
+                 # No telemetry from the embedded API: machines without internet (and its heartbeat
+                 # raced our SQLite writes: "database is locked" in the logs).
+                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                  "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
                  "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}.items():
         os.environ.setdefault(k, v)

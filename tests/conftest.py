@@ -22,6 +22,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
 os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 # The S3 key pair every Ray worker of the test session holds in its environment (runtime_env):
@@ -127,3 +128,83 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# ----------------------------------------------------------------------------- shared helpers
+def moto_reset_auth(endpoint: str, value: str) -> str:
+    """Set how many requests moto's server serves before it checks credentials ("0": from now on);
+    returns the previous setting (moto accepts any key by default)."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=value.encode(), method="POST",
+                                 headers={"Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(req) as resp:
+        return str(json.loads(resp.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"])
+
+
+@pytest.fixture
+def moto_auth_switch(moto_server):
+    """A switch for moto's credential checks: ``switch(True)`` enforces them, ``switch(False)`` goes
+    back to accepting any key; switched off after the test whatever happened."""
+    state: dict[str, str] = {}
+
+    def switch(on: bool) -> None:
+        if on and "previous" not in state:
+            state["previous"] = moto_reset_auth(moto_server, "0")
+        elif not on and "previous" in state:
+            moto_reset_auth(moto_server, state.pop("previous"))
+
+    yield switch
+    switch(False)
+
+
+@pytest.fixture
+def moto_auth(moto_auth_switch):
+    """moto's server checks credentials for the whole test."""
+    moto_auth_switch(True)
+
+
+@pytest.fixture
+def restore_mlflow_uris():
+    """Tracker sets MLflow's process-wide tracking/registry URIs (and their env variables, behind
+    monkeypatch's back); later tests must not inherit a test's throwaway store."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def process_tree(pids) -> list:
+    """Every live process of the given leaders, children included (psutil.Process objects)."""
+    import contextlib
+
+    import psutil
+
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            leader = psutil.Process(pid)
+            procs += [leader, *leader.children(recursive=True)]
+    return procs
+
+
+def still_alive(procs) -> list:
+    """The processes of ``procs`` still running (zombies count as gone)."""
+    import contextlib
+
+    import psutil
+
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+    return out

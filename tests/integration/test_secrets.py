@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -149,20 +148,6 @@ def test_pipeline_on_s3_writes_the_secret_nowhere(secret_env, prefect_harness, r
     # *-state-*.json): the filesystem tunepipe hands Ray carries no keys when the workers hold them.
     assert leaks(outputs) == []
     assert any(RAY_STATE.search(k) for k in outputs), "the Ray experiment state was not searched"
-
-
-@pytest.fixture
-def moto_auth(moto_server):
-    """The moto server checks credentials while this fixture is active (it accepts any by default)."""
-    def reset(value: str) -> str:
-        req = urllib.request.Request(f"{moto_server}/moto-api/reset-auth", data=value.encode(), method="POST",
-                                     headers={"Content-Type": "application/octet-stream"})
-        with urllib.request.urlopen(req) as resp:
-            return str(json.loads(resp.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"])
-
-    previous = reset("0")
-    yield
-    reset(previous)
 
 
 FAILING = {

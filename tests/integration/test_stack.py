@@ -23,37 +23,12 @@ import pytest
 from pydantic import SecretStr
 
 from infra import stack
+from tests.conftest import free_port, process_tree, still_alive
 from tuning_core.errors import ConfigError, StorageError, TunepipeError
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tunepipe-stack-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tree(pids) -> list[psutil.Process]:
-    """Every live process of the given leaders, children included."""
-    procs = []
-    for pid in pids:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            leader = psutil.Process(pid)
-            procs += [leader, *leader.children(recursive=True)]
-    return procs
-
-
-def _alive(procs) -> list[psutil.Process]:
-    out = []
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-    return out
 
 
 def _s3(endpoint: str, key: str, secret: str):
@@ -92,7 +67,7 @@ def _always_one_model():
 
 @pytest.fixture(scope="module")
 def fixed_mlflow_port() -> int:
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +178,7 @@ def test_credentials_are_private_and_masked(stack_dir):
     assert shown["AWS_SECRET_ACCESS_KEY"] == secret
     for log in (stack_dir / "logs").glob("*.log"):
         assert secret not in log.read_text(errors="replace"), log
-    for proc in _tree(stack.status(stack_dir).pids().values()):
+    for proc in process_tree(stack.status(stack_dir).pids().values()):
         with contextlib.suppress(psutil.Error):
             assert secret not in " ".join(proc.cmdline()), proc
 
@@ -228,7 +203,7 @@ def test_services_listen_only_on_loopback(stack_dir):
     pids = stack.status(stack_dir).pids()
     assert set(pids) == {"s3", "mlflow", "prefect", "worker"}
     listening = {}
-    for proc in _tree(pids.values()):
+    for proc in process_tree(pids.values()):
         with contextlib.suppress(psutil.Error):
             for conn in proc.net_connections(kind="inet"):
                 if conn.status == psutil.CONN_LISTEN:
@@ -298,10 +273,10 @@ def test_data_and_registered_model_survive_down_and_up(stack_dir, monkeypatch):
                                            pip_requirements=["mlflow"])
         mlflow.MlflowClient().set_registered_model_alias(MODEL, "champion", info.registered_model_version)
 
-    processes = _tree(stack.status(stack_dir).pids().values())
+    processes = process_tree(stack.status(stack_dir).pids().values())
     stopped = stack.down(stack_dir)
     assert not stopped.running and stopped.pids() == {}
-    assert _alive(processes) == [], _alive(processes)
+    assert still_alive(processes) == [], still_alive(processes)
     assert not stack.runtime_dir(stack_dir).exists()
 
     restarted = stack.up(stack_dir)

@@ -17,11 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from infra import stack
-from tests.conftest import ASA_SAMPLE, ROOT
+from tests.conftest import ASA_SAMPLE, ROOT, process_tree, still_alive
 from tuning_core.config import FlightsData, FlightsPipeline, RegistryConfig, TuneConfig
 
 pytestmark = pytest.mark.integration
@@ -36,25 +35,6 @@ def _cfg() -> FlightsPipeline:
                         max_concurrent_trials=2, seed=3),
         registry=RegistryConfig(model_name=MODEL),
     )
-
-
-def _tree(pids) -> list[psutil.Process]:
-    """Every live process of the given leaders, children included."""
-    procs = []
-    for pid in pids:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            leader = psutil.Process(pid)
-            procs += [leader, *leader.children(recursive=True)]
-    return procs
-
-
-def _alive(procs) -> list[psutil.Process]:
-    out = []
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-    return out
 
 
 @contextlib.contextmanager
@@ -210,9 +190,9 @@ def test_champion_still_predicts_after_down_and_up_and_down_leaves_nothing(flow_
 
     before = stack.status(stack_dir).pids()
     assert set(before) == set(stack.CORE_SERVICES)
-    processes = _tree(before.values())
+    processes = process_tree(before.values())
     assert not stack.down(stack_dir).running
-    assert _alive(processes) == []
+    assert still_alive(processes) == []
     # What a registry consumer needs; the full restart is test_stack.py's (the Prefect pair is slow).
     restarted = stack.up(stack_dir, services=("s3", "mlflow"), timeout_s=150)
     assert restarted.service("s3").healthy and restarted.service("mlflow").healthy, restarted
@@ -226,9 +206,9 @@ def test_champion_still_predicts_after_down_and_up_and_down_leaves_nothing(flow_
 
     recorded = restarted.pids()  # from the run records: the processes this stack started
     assert set(recorded) == {"s3", "mlflow"}
-    processes = _tree(recorded.values())
+    processes = process_tree(recorded.values())
     stopped = stack.down(stack_dir)
     assert stopped.pids() == {} and not stopped.running
-    assert _alive(processes) == [], _alive(processes)  # leaders and every child (uvicorn, huey, ...)
+    assert still_alive(processes) == [], still_alive(processes)  # leaders and every child (uvicorn, huey, ...)
     assert not list((stack_dir / "run").glob("*.json"))
     assert not stack.runtime_dir(stack_dir).exists()

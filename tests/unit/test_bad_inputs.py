@@ -11,8 +11,6 @@ well under a second, except the unreachable tracking server (MLflow's capped HTT
 from __future__ import annotations
 
 import gzip
-import json
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,27 +188,6 @@ def restored_process_state():
     mlflow.set_registry_uri(None)
 
 
-@pytest.fixture
-def moto_auth(moto_server):
-    """Switch credential checks of the moto server on (it accepts any by default); returns the switch."""
-    def reset(value: str) -> str:
-        req = urllib.request.Request(f"{moto_server}/moto-api/reset-auth", data=value.encode(), method="POST",
-                                     headers={"Content-Type": "application/octet-stream"})
-        with urllib.request.urlopen(req) as resp:
-            return str(json.loads(resp.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"])
-
-    state: dict[str, str] = {}
-
-    def enforce(on: bool) -> None:
-        if on:
-            state["previous"] = reset("0")
-        elif "previous" in state:
-            reset(state.pop("previous"))
-
-    yield enforce
-    enforce(False)
-
-
 def _written(storage: str, settings) -> list[str]:
     """Data-version manifests and Ray experiment files under the storage root."""
     from infra.storage import filesystem_for
@@ -249,13 +226,13 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(name, tmp_path, loca
     storage = storage or Settings().storage
     if case.s3 == "moto-auth":
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-for-tunepipe")
-        request.getfixturevalue("moto_auth")(True)
+        request.getfixturevalue("moto_auth_switch")(True)
     get_settings.cache_clear()
 
     result = CliRunner().invoke(app, args)
 
     if case.s3 == "moto-auth":
-        request.getfixturevalue("moto_auth")(False)
+        request.getfixturevalue("moto_auth_switch")(False)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)

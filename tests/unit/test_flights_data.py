@@ -11,7 +11,6 @@ import gzip
 import io
 import json
 import os
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -578,26 +577,10 @@ def test_s3_bad_data_writes_nothing_to_s3_storage(tmp_path, s3):
     assert _s3_listing(storage.fs, storage.root) == []
 
 
-@pytest.fixture
-def moto_enforces_auth(moto_server):
-    """Make the moto server check credentials (it accepts any by default); restore afterwards."""
-    def reset(value: str) -> str:
-        req = urllib.request.Request(f"{moto_server}/moto-api/reset-auth", data=value.encode(), method="POST",
-                                     headers={"Content-Type": "application/octet-stream"})
-        with urllib.request.urlopen(req) as resp:
-            return json.loads(resp.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
-
-    previous = reset("0")
-    try:
-        yield
-    finally:
-        reset(previous)
-
-
 def test_s3_wrong_credentials_are_a_one_line_storage_error_without_secrets(tmp_path, s3, s3_settings, request):
     fs, bucket, _ = s3
     _upload(fs, f"{bucket}/in/asa.csv", asa_csv(tmp_path / "asa.csv").read_bytes())
-    request.getfixturevalue("moto_enforces_auth")
+    request.getfixturevalue("moto_auth")
 
     with pytest.raises(StorageError) as err:
         flights.prepare(FlightsData(), fs, f"{bucket}/in/asa.csv", LOCAL, store(tmp_path))
