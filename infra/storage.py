@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from infra.settings import Settings, get_settings
-from tuning_core.errors import ServiceUnavailable, StorageError
+from tuning_core.errors import ServiceUnavailable, StorageError, storage_failure
 
 # boto3 >= 1.36 sends CRC checksums that some S3-compatible servers reject; ask only when required.
 _CHECKSUM_ENV = {
@@ -64,16 +64,20 @@ class Storage:
 
         marker = self.path(".tunepipe-id")
         try:
-            with self.fs.open_input_stream(marker) as f:
-                return f.read().decode().strip()
-        except (FileNotFoundError, OSError):
-            pass
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            self.fs.create_dir(self.root, recursive=True)
-        ident = uuid.uuid4().hex
-        with self.fs.open_output_stream(marker) as out:
-            out.write(ident.encode())
-        return ident
+            # Only a marker that is really absent makes a new id: an unreachable or refusing store
+            # must fail (retryably when down), not silently change every cache key.
+            if self.fs.get_file_info(marker).type != pafs.FileType.NotFound:
+                with self.fs.open_input_stream(marker) as f:
+                    return f.read().decode().strip()
+            if isinstance(self.fs, pafs.LocalFileSystem):
+                self.fs.create_dir(self.root, recursive=True)
+            ident = uuid.uuid4().hex
+            with self.fs.open_output_stream(marker) as out:
+                out.write(ident.encode())
+            return ident
+        except OSError as err:
+            message = f"storage root {redact(self.uri)}: id marker cannot be read or written ({_short(err)})"
+            raise storage_failure(message, err) from None
 
     def to_uri(self, path: str) -> str:
         """Turn a path inside ``fs`` into the URI that Ray, MLflow and users understand."""
