@@ -159,6 +159,8 @@ def test_deploy_all_then_a_triggered_deployment_runs_on_the_stack_worker(flow_su
     with get_client(sync_client=True) as client:
         names = {d.name for d in client.read_deployments()}
         assert {"flights-nightly", "fashion-mnist-manual", "batch-score"} <= names
+        # The nightly schedule must not start a full retraining on this worker during the test.
+        client.pause_deployment(client.read_deployment_by_name("flights-tuning/flights-nightly").id)
         deployment = client.read_deployment_by_name("batch-score/batch-score")
         assert deployment.work_pool_name == stack.WORK_POOL
         run = client.create_flow_run_from_deployment(
