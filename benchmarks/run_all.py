@@ -9,7 +9,7 @@ markdown summary ``<YYYY-MM-DD>.md`` and the plots ``<YYYY-MM-DD>-*.png``. A ben
 module is missing is skipped; one that fails is recorded with its exit code and the others still
 run (the exit status is then 1). With ``--only``/``--skip``, the sections run replace theirs in an
 existing results file of the same date and the others are kept. ``make bench`` runs this with the
-default budgets (about 20 minutes on an idle 2-core machine).
+default budgets (about 15 minutes on an idle 2-core machine).
 """
 
 from __future__ import annotations

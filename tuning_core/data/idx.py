@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from tuning_core.config import FashionData
-from tuning_core.errors import DataError, storage_failure
+from tuning_core.errors import DataError, TunepipeError, storage_failure
 from tuning_core.results import DataVersion
 from tuning_core.versioning import hash_bytes, read_manifest, version_exists, write_version
 
@@ -71,6 +71,11 @@ def _join(folder: str, name: str) -> str:
     return f"{folder.rstrip('/')}/{name}" if folder else name
 
 
+def _failure(what: str, err: OSError) -> TunepipeError:
+    """``what (first line of the error)``: a StorageError, or retryable when the store is unreachable."""
+    return storage_failure(f"{what} ({str(err).splitlines()[0] if str(err) else type(err).__name__})", err)
+
+
 def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     try:
         # compression=None: pyarrow would otherwise gunzip by file name and hide corrupt-gzip
@@ -80,7 +85,7 @@ def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     except FileNotFoundError:
         raise DataError(f"IDX file {path}: not found") from None
     except OSError as err:
-        raise storage_failure(f"IDX file {path}: cannot be read ({str(err).splitlines()[0]})", err) from None
+        raise _failure(f"IDX file {path}: cannot be read", err) from None
 
 
 def _decompress(raw: bytes, path: str) -> bytes:
@@ -163,8 +168,7 @@ def locate_files(fs: pafs.FileSystem, source_path: str) -> tuple[str, dict[str, 
             infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
             present |= {_join(folder, i.base_name) for i in infos if i.type == pafs.FileType.File}
     except OSError as err:
-        raise storage_failure(f"IDX source {source_path}: cannot be listed ({str(err).splitlines()[0]})",
-                              err) from None
+        raise _failure(f"IDX source {source_path}: cannot be listed", err) from None
     expected = ", ".join(f"{b}[.gz]" for b in FILES.values())
     partial: tuple[str, list[str]] | None = None
     for folder in folders:
@@ -316,8 +320,7 @@ def prepare(cfg: FashionData, source_fs: pafs.FileSystem, source_path: str, fs: 
     try:
         exists = version_exists(fs, target)
     except OSError as err:
-        raise storage_failure(f"data version {_uri(fs, target)}: cannot be checked ({str(err).splitlines()[0]})",
-                              err) from None
+        raise _failure(f"data version {_uri(fs, target)}: cannot be checked", err) from None
     if exists:
         logger.info("data version %s already exists at %s; reusing it", version, target)
         return _to_version(fs, target, read_manifest(fs, target))
@@ -351,8 +354,7 @@ def prepare(cfg: FashionData, source_fs: pafs.FileSystem, source_path: str, fs: 
     try:
         write_version(fs, target, files, manifest)
     except OSError as err:
-        raise storage_failure(f"data version {_uri(fs, target)}: cannot be written ({str(err).splitlines()[0]})",
-                              err) from None
+        raise _failure(f"data version {_uri(fs, target)}: cannot be written", err) from None
     logger.info("wrote data version %s (%s) from %s", version, manifest["rows"], folder)
     return _to_version(fs, target, manifest)
 
