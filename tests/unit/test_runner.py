@@ -460,3 +460,32 @@ def test_bad_config_fails_before_anything_starts(data, tmp_path, update, space, 
         run_tuning(train_xgboost, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "bad")
     assert not (tmp_path / "ray").exists()
     assert ray.is_initialized() == was_running
+
+
+def test_driver_callbacks_forward_trial_start_result_and_complete_and_are_not_pickled():
+    """Extra callbacks (MLflow, benchmark recorders) see every trial hook, and a failing one cannot fail the run."""
+    from ray import cloudpickle  # what Ray uses to store the experiment state
+
+    from tuning_core.runner import _driver_callbacks
+
+    class Seen:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.calls.append("start")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.calls.append("result")
+            raise RuntimeError("an observer that breaks")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.calls.append("complete")
+
+    seen = Seen()
+    wrapped = _driver_callbacks(TuneConfig(), None, [seen])[-1]
+    wrapped.on_trial_start(iteration=1, trials=[], trial=None)
+    wrapped.on_trial_result(iteration=1, trials=[], trial=None, result={})
+    wrapped.on_trial_complete(iteration=2, trials=[], trial=None)
+    assert seen.calls == ["start", "result", "complete"]
+    assert cloudpickle.loads(cloudpickle.dumps(wrapped)).inner is None
