@@ -58,15 +58,26 @@ def environment() -> dict[str, Any]:
     import importlib.metadata as md
 
     versions = {}
-    for pkg in ("ray", "xgboost", "hyperopt", "optuna", "prefect", "mlflow", "pandas", "pyarrow"):
+    for pkg in ("ray", "xgboost", "hyperopt", "optuna", "prefect", "mlflow", "pandas", "pyarrow", "torch"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
     return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(), "versions": versions,
+            "processor": platform.processor() or platform.machine(), "versions": versions, "gpu": _gpu_name(),
             # Other work on the machine skews every wall time: record how busy it was.
             "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _gpu_name() -> str | None:
+    """The first CUDA device's name, if torch is installed and sees one (it is only imported if installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 # --------------------------------------------------------------------------- data

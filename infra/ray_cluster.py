@@ -39,6 +39,34 @@ def _storage_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def check_local_resources(settings: Settings, cpu: float, gpu: float) -> None:
+    """Before anything is written: a local Ray (no RAY_ADDRESS) must be able to hold one trial.
+
+    The local Ray gets ``TUNEPIPE_RAY_NUM_CPUS`` or all CPUs, and the GPUs CUDA shows (Ray honours
+    CUDA_VISIBLE_DEVICES too). A remote cluster is checked when the tuning stage connects to it
+    (``tuning_core.runner``), since its nodes are only known then.
+    """
+    if settings.ray_address:
+        return
+    cpus = settings.ray_num_cpus or os.cpu_count() or 1
+    gpus = _visible_gpus() if gpu > 0 else 0
+    if cpu > cpus or gpu > gpus:
+        raise ConfigError(f"tune.resources: one trial needs cpu={cpu:g}, gpu={gpu:g}, but the local Ray gets "
+                          f"{cpus} CPU, {gpus} GPU; expected at most that per trial (or set RAY_ADDRESS to a "
+                          "cluster with such nodes)")
+
+
+def _visible_gpus() -> int:
+    """CUDA devices this process can use (0 without torch or CUDA); torch is only imported when a GPU is asked for."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 @contextlib.contextmanager
 def ray_session(settings: Settings, storage: Storage, num_cpus: int | None = None) -> Iterator[str]:
     """Connect to Ray for the duration of a stage.

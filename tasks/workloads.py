@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from infra import models as mlmodels
-from infra.ray_cluster import ray_session, workers_hold_keys
+from infra.ray_cluster import check_local_resources, ray_session, workers_hold_keys
 from infra.settings import Settings
 from infra.storage import Storage, build_storage, filesystem_for, redact
 from infra.tracking import TAG_STAGE, Tracker
@@ -86,6 +86,7 @@ def preflight(cfg: Pipeline, ctx: Context) -> None:
     reported = TRIAL_METRICS[cfg.workload]
     if cfg.tune.metric not in reported:
         raise ConfigError(f"tune.metric {cfg.tune.metric!r}: the {cfg.workload} trainable reports {list(reported)}")
+    check_local_resources(ctx.settings, cfg.tune.resources.cpu, cfg.tune.resources.gpu)
     check_data(cfg, ctx)
     ctx.tracker().check()
 

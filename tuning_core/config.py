@@ -91,6 +91,8 @@ class SchedulerOptions(_Frozen):
     brackets: int = Field(1, ge=1)
     perturbation_interval: int = Field(4, ge=1, description="pbt: iterations between exploits")
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    synch: bool = Field(False, description="pbt: wait for the whole population at each perturbation point "
+                                           "(Ray's synch=True); default asynchronous")
     hyperparam_mutations: dict[str, ParamSpec | list[Scalar]] | None = Field(
         None, description="pbt: parameters to mutate; default: the float ranges of the search space"
     )

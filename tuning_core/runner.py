@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from tuning_core.config import ParamSpec, Scalar, TuneConfig
+from tuning_core.errors import ConfigError
 from tuning_core.results import TrialRecord, TuningResult
 from tuning_core.schedulers import create_scheduler
 from tuning_core.search import build_space, create_searcher
@@ -195,6 +196,7 @@ def run_tuning(
     param_space = validate(cfg, space)
     param_space = {**param_space, "_max_iterations": cfg.max_iterations, "_checkpoint_every": cfg.checkpoint_every}
     exp_path = f"{storage_path.rstrip('/')}/{name}"
+    _check_a_node_fits(cfg)
     resources = {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
     wrapped = tune.with_resources(tune.with_parameters(trainable, **data), resources)
     started = time.monotonic()
@@ -237,6 +239,27 @@ def run_tuning(
     wall = time.monotonic() - started
     live_rows = cbs[0].inner.rows
     return _collect(grid, cfg, name, uri_prefix + exp_path, resumed, wall, storage_fs, exp_path, live_rows)
+
+
+def _check_a_node_fits(cfg: TuneConfig) -> None:
+    """Fail before tuning when no live Ray node can hold one trial: Tune would wait for it forever.
+
+    Checked against the nodes up now; on an autoscaling cluster, start a node of that shape first.
+    Without a running Ray there is nothing to check (Tune starts a local one sized to this machine,
+    and an impossible request then fails the same way on the next run).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return
+    need = {"CPU": cfg.resources.cpu, "GPU": cfg.resources.gpu}
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(all(node.get(k, 0.0) >= v for k, v in need.items() if v > 0) for node in nodes):
+        return
+    have = "; ".join(f"{node.get('CPU', 0):g} CPU, {node.get('GPU', 0):g} GPU" for node in nodes) or "none"
+    raise ConfigError(f"resources: one trial needs cpu={need['CPU']:g}, gpu={need['GPU']:g}, but no Ray node has "
+                      f"that (live nodes: {have}); expected resources that fit one node: lower them in the "
+                      "tune config or add such a node")
 
 
 def _clean_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def _pbt(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> Any:
     o = cfg.scheduler_options
     return PopulationBasedTraining(time_attr=TIME_ATTR, perturbation_interval=o.perturbation_interval,
                                    hyperparam_mutations=pbt_mutations(cfg, space),
-                                   quantile_fraction=o.quantile_fraction,
+                                   quantile_fraction=o.quantile_fraction, synch=o.synch,
                                    custom_explore_fn=ClipToRanges(pbt_bounds(cfg, space)))
 
 

@@ -155,6 +155,10 @@ CASES: dict[str, Case] = {
     "bad YAML": Case(with_config(_yaml("tune: [unclosed\n")), "not valid YAML"),
     "YAML not a mapping": Case(with_config(_yaml("- a\n- b\n")), "expected a mapping at the top level, got list"),
     "unknown config key": Case(with_config(_yaml("tune:\n  num_smaples: 3\n")), "tune.num_smaples"),
+    # No machine here has 64 GPUs: Tune would keep such a trial pending forever.
+    "trial needs more GPUs than local Ray has": Case(
+        with_config(_yaml("tune:\n  resources: {cpu: 1, gpu: 64}\n")),
+        "tune.resources: one trial needs cpu=1, gpu=64, but the local Ray"),
     "config file missing": Case(lambda tmp: ["run", "flights", "--config", str(tmp / "none.yaml")], "not found"),
     "model name with illegal characters": Case(run_flights(None, "--model-name", "my model/v1"),
                                                "registry.model_name"),

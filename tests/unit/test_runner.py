@@ -462,6 +462,18 @@ def test_bad_config_fails_before_anything_starts(data, tmp_path, update, space, 
     assert ray.is_initialized() == was_running
 
 
+def test_trial_resources_no_node_can_hold_fail_before_tuning(ray_local, data, tmp_path):
+    # Tune would keep such a trial PENDING forever; no machine here has 64 GPUs (nor CI's any).
+    cfg = tune_cfg(resources={"cpu": 1, "gpu": 64})
+    with pytest.raises(ConfigError, match=r"resources: one trial needs cpu=1, gpu=64, but no Ray node has that "
+                                          r"\(live nodes: 2 CPU, \d+ GPU\)"):
+        run_tuning(train_xgboost, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "too-big")
+    assert not (tmp_path / "ray").exists()
+    # Fractions that fit a node pass the check (and CPU-only trials never ask for a GPU).
+    ok = tune_cfg(resources={"cpu": 0.5, "gpu": 0}, num_samples=1, max_iterations=2)
+    assert run_tuning(train_xgboost, data, ok.space, ok, LOCAL, str(tmp_path / "ray"), "fits").trials
+
+
 def test_driver_callbacks_forward_trial_start_result_and_complete_and_are_not_pickled():
     """Extra callbacks (MLflow, benchmark recorders) see every trial hook, and a failing one cannot fail the run."""
     from ray import cloudpickle  # what Ray uses to store the experiment state
