@@ -53,10 +53,23 @@ def log_flights_model(run_id: str, booster: Any, example: pd.DataFrame, categori
                 artifacts={"booster": str(booster_path), "schema": str(schema_path)},
                 # Ship our wrapper with the model so consumers need only mlflow + xgboost.
                 code_paths=[str(Path(infra.__file__).parent)],
-                signature=infer_signature(plain, sample_out), input_example=plain.head(5),
+                signature=_consumer_signature(infer_signature(plain, sample_out)), input_example=plain.head(5),
                 pip_requirements=["mlflow", "xgboost", "pandas", "numpy"],
             )
     return info.model_uri
+
+
+def _consumer_signature(signature: Any) -> Any:
+    """Float feature columns (distance, flight_number: float only so that they can be missing) as
+    MLflow's "any": consumers send them as integers (a dict, JSON or a CSV without gaps gives int64),
+    and MLflow refuses int64 where the signature says double. The wrapper converts them to numbers
+    itself and names the column when a value is not a number."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
+
+    cols = [ColSpec(AnyType(), c.name, required=c.required) if c.type in (DataType.double, DataType.float) else c
+            for c in signature.inputs.inputs]
+    return ModelSignature(inputs=Schema(cols), outputs=signature.outputs, params=signature.params)
 
 
 def log_torch_model(run_id: str, model: Any, example: np.ndarray, dataset: Any | None = None) -> str:

@@ -38,7 +38,12 @@ class FlightDelayModel(mlflow.pyfunc.PythonModel):
         for col in self.schema["features"]:
             if col not in self.schema["categories"]:
                 # Exactly the training dtype: xgboost checks feature types as well as names.
-                df[col] = pd.to_numeric(df[col], errors="coerce").astype(self.schema["dtypes"][col])
+                numbers = pd.to_numeric(df[col], errors="coerce")
+                bad = df[col][numbers.isna() & df[col].notna()]
+                if len(bad):
+                    raise ValueError(f"input column {col!r}: {bad.iloc[0]!r} is not a number; expected numbers "
+                                     f"(missing values are fine)")
+                df[col] = numbers.astype(self.schema["dtypes"][col])
         return df
 
     def predict(self, context, model_input, params=None):  # no hints: MLflow would infer a signature from them

@@ -190,6 +190,22 @@ def test_champion_scores_unseen_airports_and_the_training_dtypes(tracker, sample
     assert len(model.predict(canonical)) == 5
 
 
+def test_champion_takes_distance_and_flight_number_as_integers_and_names_a_non_number(tracker, sample, boosters):
+    import mlflow
+
+    run_id, uri = log_model(tracker, sample, boosters["strong"], "retrain")
+    model = mlflow.pyfunc.load_model(uri)
+    frame = sample.consumer_frame().dropna(subset=["distance", "flight_number"]).head(20)
+    # What a consumer's dict / JSON / gap-free CSV gives: int64. MLflow refuses int64 for a
+    # "double" column, so these two columns are "any" in the signature and converted by the model.
+    ints = frame.astype({"distance": "int64", "flight_number": "int64"})
+    np.testing.assert_allclose(model.predict(ints)["delay_probability"], model.predict(frame)["delay_probability"])
+    bad = frame.head(2).astype({"distance": object})
+    bad.loc[bad.index[0], "distance"] = "far"
+    with pytest.raises(Exception, match=r"input column 'distance': 'far' is not a number"):
+        model.predict(bad)
+
+
 # ----------------------------------------------------------------------------- champion / challenger
 @pytest.mark.parametrize(("metric", "mode"), [("auc", "max"), ("logloss", "min")])
 def test_better_challenger_becomes_champion_and_tags_explain(tracker, sample, boosters, metric, mode):
