@@ -474,6 +474,16 @@ def test_trial_resources_no_node_can_hold_fail_before_tuning(ray_local, data, tm
     assert run_tuning(train_xgboost, data, ok.space, ok, LOCAL, str(tmp_path / "ray"), "fits").trials
 
 
+def test_xgboost_boosts_on_the_gpu_only_when_the_trial_was_granted_one():
+    from tuning_core.trainables.xgboost import xgb_params
+
+    assert "device" not in xgb_params({"max_depth": 3.0}, nthread=2)
+    on_gpu = xgb_params({"max_depth": 3.0}, nthread=2, gpu=True)
+    assert on_gpu["device"] == "cuda" and on_gpu["max_depth"] == 3 and on_gpu["nthread"] == 2
+    # A device named in the search space (a constant) wins over the automatic choice.
+    assert xgb_params({"device": "cuda:1"}, gpu=True)["device"] == "cuda:1"
+
+
 def test_driver_callbacks_forward_trial_start_result_and_complete_and_are_not_pickled():
     """Extra callbacks (MLflow, benchmark recorders) see every trial hook, and a failing one cannot fail the run."""
     from ray import cloudpickle  # what Ray uses to store the experiment state

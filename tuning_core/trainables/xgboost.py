@@ -26,9 +26,15 @@ DEFAULT_PARAMS: dict[str, Any] = {"objective": "binary:logistic", "tree_method":
                                   "eval_metric": EVAL_METRICS, "max_cat_to_onehot": 1}
 
 
-def xgb_params(config: dict[str, Any], nthread: int = 1, seed: int = 0) -> dict[str, Any]:
-    """The booster parameters for a trial config (defaults + the config, integers where xgboost wants them)."""
+def xgb_params(config: dict[str, Any], nthread: int = 1, seed: int = 0, gpu: bool = False) -> dict[str, Any]:
+    """The booster parameters for a trial config (defaults + the config, integers where xgboost wants them).
+
+    ``gpu``: the trial was granted a GPU, so boost on it (``device="cuda"``) unless the config names a
+    device itself (a ``device`` constant in the search space wins).
+    """
     params = dict(DEFAULT_PARAMS)
+    if gpu:
+        params["device"] = "cuda"
     for k, v in model_params(config).items():
         if k in ("seed", "num_boost_round"):
             continue
@@ -52,13 +58,15 @@ def quantile_matrix(x: pd.DataFrame, y: pd.Series, params: dict[str, Any]):
     return xgb.QuantileDMatrix(x, label=y, enable_categorical=True, max_bin=params.get("max_bin"))
 
 
-def trial_cpus() -> int:
+def trial_resources() -> tuple[int, bool]:
+    """(CPUs, whether a GPU was granted) of the running trial; (1, False) outside a trial."""
     from ray import tune
 
     try:
-        return max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
+        granted = tune.get_context().get_trial_resources().required_resources
     except Exception:  # noqa: BLE001 - outside a trial (tests, retraining): one thread is a safe default
-        return 1
+        return 1, False
+    return max(1, int(granted.get("CPU", 1))), granted.get("GPU", 0) > 0
 
 
 def _callback(last_round: int, checkpoint_every: int, config: dict[str, Any]):
@@ -94,7 +102,8 @@ def train_xgboost(config: dict[str, Any], train: pd.DataFrame, valid: pd.DataFra
         maybe_fail_once(config)
     last_round = int(config.get("_max_iterations", 100))
     every = int(config.get("_checkpoint_every", 10))
-    params = xgb_params(config, trial_cpus())
+    cpus, gpu = trial_resources()
+    params = xgb_params(config, cpus, gpu=gpu)
     x_train, y_train = split_xy(train)
     x_valid, y_valid = split_xy(valid)
     dtrain = quantile_matrix(x_train, y_train, params)
