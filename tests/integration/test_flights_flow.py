@@ -136,7 +136,11 @@ def test_rerun_after_driver_sigkill_resumes_instead_of_restarting(env, tmp_path)
 
     from flows.flights import flights_tuning
 
-    cfg = small_cfg(num_samples=6, model="flow-resume", seed=7)
+    # Trials here last a fraction of a second: 16 of them one at a time, polled every 50 ms, so the
+    # kill lands while most are still to run (6 trials 2 at a time once all finished between two polls).
+    trials = 16
+    cfg = small_cfg(num_samples=trials, model="flow-resume", seed=7)
+    cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"max_concurrent_trials": 1})})
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     store = Path(env.storage)
@@ -147,27 +151,27 @@ def test_rerun_after_driver_sigkill_resumes_instead_of_restarting(env, tmp_path)
     try:
         deadline = time.monotonic() + 240
         while len(_finished_trials(store)) < 2 and time.monotonic() < deadline and child.poll() is None:
-            time.sleep(0.5)
+            time.sleep(0.05)
         before = _finished_trials(store)
         log_tail = (tmp_path / "child.log").read_text()[-2000:]
         assert len(before) >= 2, f"child did not finish two trials in time: {log_tail}"
-        assert len(before) < 6, "child finished everything before the kill"
+        assert len(before) < trials, "child finished everything before the kill"
     finally:
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
         child.wait()
     summary = flights_tuning(cfg)
     assert summary["tuning"]["resumed"] is True
-    assert summary["tuning"]["num_trials"] == 6
+    assert summary["tuning"]["num_trials"] == trials
     after = _finished_trials(store)
-    assert len(after) == 6
+    assert len(after) == trials
     # Trials finished before the kill were not run again (no new results appended).
     assert {k: after[k] for k in before} == before
     # MLflow holds exactly one child run per trial, whatever the killed driver had logged.
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("tunepipe-flights").experiment_id])
     trial_ids = [r.data.tags["tunepipe.trial_id"] for r in runs if "tunepipe.trial_id" in r.data.tags]
-    assert sorted(trial_ids) == sorted(set(trial_ids)) and len(trial_ids) == 6
+    assert sorted(trial_ids) == sorted(set(trial_ids)) and len(trial_ids) == trials
 
 
 def test_batch_score_writes_a_prediction_per_row(env, tmp_path):
