@@ -180,6 +180,17 @@ def test_failed_trial_resumes_from_its_checkpoint_instead_of_restarting(ray_loca
     assert rows[-1]["restored_from"] == rows[-1]["trial"]
 
 
+def test_a_diverged_epoch_reports_nan_instead_of_crashing():
+    from tuning_core.trainables.torch import _train_epoch
+
+    model = build_model("cnn", width=8, hidden=16)
+    x = torch.full((64, 1, 28, 28), float("inf"))
+    y = torch.zeros(64, dtype=torch.int64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = _train_epoch(model, opt, x, y, 8, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert np.isnan(loss)
+
+
 # --------------------------------------------------------------------------- prediction helpers
 
 
