@@ -27,6 +27,7 @@ from tuning_core.config import FASHION_SPACE, FLIGHTS_SPACE, FashionPipeline, Fl
 from tuning_core.errors import ConfigError
 from tuning_core.results import DataVersion, RegistryResult, RetrainResult, TuningResult
 from tuning_core.runner import experiment_name, run_tuning, validate
+from tuning_core.search import edge_configs
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,24 @@ def preflight(cfg: Pipeline, ctx: Context) -> None:
     reported = TRIAL_METRICS[cfg.workload]
     if cfg.tune.metric not in reported:
         raise ConfigError(f"tune.metric {cfg.tune.metric!r}: the {cfg.workload} trainable reports {list(reported)}")
+    check_trial_configs(cfg, space)
     check_local_resources(ctx.settings, cfg.tune.resources.cpu, cfg.tune.resources.gpu)
     check_data(cfg, ctx)
     ctx.tracker().check()
+
+
+def check_trial_configs(cfg: Pipeline, space: dict[str, Any]) -> None:
+    """The trainable's own check of the space's edges and of every warm-start point: a misspelt or
+    out-of-bounds hyperparameter fails here, not silently ignored or crashing every trial."""
+    if cfg.workload == "flights":
+        from tuning_core.trainables.xgboost import check_config
+    else:
+        from tuning_core.trainables.torch import check_config
+    edges = edge_configs(space)
+    for where, config in edges:
+        check_config(config, where)
+    for i, point in enumerate(cfg.tune.points_to_evaluate or []):
+        check_config({**edges[0][1], **point}, f"points_to_evaluate[{i}]")
 
 
 def check_data(cfg: Pipeline, ctx: Context) -> None:

@@ -56,6 +56,30 @@ def build_space(space: dict[str, ParamSpec | Scalar], search: str) -> dict[str, 
     return {k: to_domain(k, v) for k, v in space.items()}
 
 
+def edge_configs(space: dict[str, ParamSpec | Scalar]) -> list[tuple[str, dict[str, Scalar]]]:
+    """Trial configs at the edges of ``space``, each with a few words saying which, for checks
+    before Ray starts: every entry at its low end (a range's low, the first choice), every entry
+    at its high end, then each further choice/grid value on top of the low ends. A trainable that
+    accepts all of these accepts every sampled config of a range (bounds are what trainables check).
+    """
+    def end(spec: ParamSpec | Scalar, high: bool) -> Scalar:
+        if not isinstance(spec, ParamSpec):
+            return spec
+        if spec.values:
+            return spec.values[-1 if high else 0]
+        if spec.type == "randint":  # the high end is excluded (Ray's randint)
+            return int(spec.high) - 1 if high else int(spec.low)
+        return float(spec.high if high else spec.low)
+
+    low = {k: end(v, False) for k, v in space.items()}
+    edges = [("every entry at its low end", low), ("every entry at its high end",
+                                                  {k: end(v, True) for k, v in space.items()})]
+    for k, v in space.items():
+        if isinstance(v, ParamSpec) and v.values and len(v.values) > 2:
+            edges += [(f"{k}={x!r}", {**low, k: x}) for x in v.values[1:-1]]
+    return edges
+
+
 def _points(cfg: TuneConfig, space: dict[str, Any]) -> list[dict[str, Any]] | None:
     if not cfg.points_to_evaluate:
         return None

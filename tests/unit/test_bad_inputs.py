@@ -85,7 +85,11 @@ def _yaml(text: str) -> Callable[[Path], str]:
 
 
 def _space(entry: str) -> Callable[[Path], str]:
-    return _yaml(f"tune:\n  space:\n    eta: {entry}\n")
+    return _space_entry("eta", entry)
+
+
+def _space_entry(name: str, entry: str) -> Callable[[Path], str]:
+    return _yaml(f"tune:\n  space:\n    {name}: {entry}\n")
 
 
 # --------------------------------------------------------------------------- the table
@@ -113,6 +117,10 @@ def run_fashion(make: Callable[[Path], str]) -> Callable:
 
 def with_config(make: Callable[[Path], str]) -> Callable:
     return lambda tmp: ["run", "flights", "--data", str(ASA_SAMPLE), "--config", make(tmp)]
+
+
+def fashion_with_config(make: Callable[[Path], str]) -> Callable:
+    return lambda tmp: ["run", "fashion-mnist", "--data", _idx_set()(tmp), "--config", make(tmp)]
 
 
 CASES: dict[str, Case] = {
@@ -148,6 +156,17 @@ CASES: dict[str, Case] = {
     "low >= high": Case(with_config(_space("{type: uniform, low: 2, high: 1}")), "needs low < high"),
     "empty choice": Case(with_config(_space("{type: choice, values: []}")), "needs a non-empty 'values' list"),
     "unknown space type": Case(with_config(_space("{type: gaussian, low: 0, high: 1}")), "unknown type 'gaussian'"),
+    # ---- hyperparameters the trainable would ignore or refuse (checked by xgboost / torch themselves)
+    "misspelt xgboost parameter": Case(with_config(_space_entry("max_dpth", "{type: randint, low: 3, high: 8}")),
+                                       "'max_dpth' (did you mean 'max_depth'?)"),
+    "xgboost parameter out of bounds": Case(
+        with_config(_space_entry("subsample", "{type: uniform, low: 0.5, high: 1.5}")),
+        "(every entry at its high end): xgboost refuses it: value 1.5 for Parameter subsample"),
+    "warm-start point out of bounds": Case(with_config(_yaml("tune:\n  points_to_evaluate: [{max_depth: -1}]\n")),
+                                           "search space (points_to_evaluate[0]): xgboost refuses it: value -1"),
+    "unknown CNN in the space": Case(
+        fashion_with_config(_space_entry("model", "{type: choice, values: [cnn, vgg]}")),
+        "search space (every entry at its high end): model: one of ['cnn', 'resnet18'], got 'vgg'"),
     "unknown scheduler": Case(run_flights(None, "--scheduler", "fastest"), "scheduler must be one of"),
     "unknown search": Case(run_flights(None, "--search", "bayes"), "search must be one of"),
     "num_samples 0": Case(lambda tmp: ["run", "flights", "--num-samples", "0"], "tune.num_samples"),

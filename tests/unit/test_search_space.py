@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 from ray.tune.search import sample
 
-from tuning_core.config import ParamSpec, TuneConfig, build_config
+from tuning_core.config import FASHION_SPACE, FLIGHTS_SPACE, ParamSpec, TuneConfig, build_config
 from tuning_core.errors import ConfigError
 from tuning_core.runner import validate
 from tuning_core.schedulers import SCHEDULERS, create_scheduler, pbt_mutations
-from tuning_core.search import SEARCHERS, build_space, create_searcher, to_domain
+from tuning_core.search import SEARCHERS, build_space, create_searcher, edge_configs, to_domain
 
 
 def spec(**kw) -> ParamSpec:
@@ -264,3 +264,59 @@ def test_pbt_perturbations_stay_inside_the_configured_ranges():
             assert 0.5 <= new["subsample"] <= 1.0
             assert 0.01 <= new["eta"] <= 0.3
             assert 2 <= new["max_depth"] <= 5 and isinstance(new["max_depth"], int)
+
+
+# --------------------------------------------------------------------------- the trainables' own checks of a space
+
+
+def test_edge_configs_take_each_end_of_every_range_and_each_choice_once():
+    space = {"a": spec(type="uniform", low=0.1, high=0.9), "n": spec(type="randint", low=3, high=11),
+             "m": spec(type="choice", values=["x", "y", "z", "w"]), "c": 7}
+    edges = dict(edge_configs(space))
+    assert edges["every entry at its low end"] == {"a": 0.1, "n": 3, "m": "x", "c": 7}
+    # randint excludes its high bound, as Ray's does.
+    assert edges["every entry at its high end"] == {"a": 0.9, "n": 10, "m": "w", "c": 7}
+    assert edges["m='y'"] == {"a": 0.1, "n": 3, "m": "y", "c": 7}
+    assert edges["m='z'"]["m"] == "z" and len(edges) == 4
+
+
+@pytest.mark.parametrize(("workload", "space"), [("flights", FLIGHTS_SPACE), ("fashion", FASHION_SPACE)])
+def test_the_default_spaces_pass_their_trainables_checks(workload, space):
+    from tuning_core.trainables import torch as torch_trainable
+    from tuning_core.trainables import xgboost as xgb_trainable
+
+    check = xgb_trainable.check_config if workload == "flights" else torch_trainable.check_config
+    for where, config in edge_configs(space):
+        check(config, where)
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ({"max_dpth": 3}, "'max_dpth' (did you mean 'max_depth'?)"),
+    ({"max_depth": -2}, "xgboost refuses it: value -2 for Parameter max_depth should be greater equal to 0"),
+    ({"colsample_bytree": 1.5}, "value 1.5 for Parameter colsample_bytree exceed bound [0,1]"),
+    ({"max_depth": "deep"}, "max_depth: expected a whole number, got 'deep'"),
+])
+def test_xgboost_check_names_what_xgboost_would_ignore_or_refuse(config, expected):
+    from tuning_core.trainables.xgboost import check_config
+
+    with pytest.raises(ConfigError) as err:
+        check_config(config, "here")
+    assert str(err.value).startswith("search space (here): ") and expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ({"widht": 32}, "['widht'] are not parameters of the torch trainable"),
+    ({"model": "vgg"}, "model: one of ['cnn', 'resnet18'], got 'vgg'"),
+    ({"lr": -0.1}, "Invalid learning rate: -0.1"),
+    ({"batch_size": 0}, "batch_size: expected >= 1, got 0"),
+    ({"batch_size": 32.5}, "batch_size: expected a whole number, got 32.5"),
+    ({"momentum": "high"}, "momentum: expected a number, got 'high'"),
+    ({"dropout": 1.0}, "dropout must be in [0, 1), got 1.0"),
+])
+def test_torch_check_names_what_the_trainable_would_ignore_or_refuse(config, expected):
+    from tuning_core.trainables.torch import check_config
+
+    with pytest.raises(ConfigError) as err:
+        check_config(config)
+    assert str(err.value).startswith("search space: ") and expected in str(err.value)

@@ -180,6 +180,38 @@ def _load_state(folder: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- public API
 
 
+# Every hyperparameter the trainable reads; anything else in a trial config would be silently ignored.
+KNOWN_PARAMS = (*DEFAULTS, "dropout", "hidden", "seed")
+
+
+def check_config(config: dict[str, Any], where: str = "") -> None:
+    """Refuse a trial config this trainable would ignore in part or fail on, before Ray starts:
+    unknown names, a model it cannot build, values the optimizer refuses, a batch size below 1.
+
+    Raises:
+        ConfigError: naming the parameter and what was expected.
+    """
+    prefix = f"search space ({where})" if where else "search space"
+    params = _with_defaults(config)
+    unknown = sorted(set(params) - set(KNOWN_PARAMS))
+    if unknown:
+        raise ConfigError(f"{prefix}: {unknown} are not parameters of the torch trainable, which would ignore "
+                          f"them; expected some of {sorted(KNOWN_PARAMS)}")
+    for key, kind in (("lr", float), ("momentum", float), ("weight_decay", float), ("dropout", float),
+                      ("batch_size", int), ("width", int), ("hidden", int), ("seed", int)):
+        if key in params and (isinstance(params[key], bool) or not isinstance(params[key], (int, float))
+                              or (kind is int and params[key] != int(params[key]))):
+            expected = "a whole number" if kind is int else "a number"
+            raise ConfigError(f"{prefix}: {key}: expected {expected}, got {params[key]!r}")
+    if int(params["batch_size"]) < 1:
+        raise ConfigError(f"{prefix}: batch_size: expected >= 1, got {params['batch_size']!r}")
+    try:
+        model = build_from_spec(model_spec(params, num_classes=NUM_CLASSES))
+        _optimizer(model, params)  # torch's own checks: lr, momentum and weight_decay >= 0
+    except (ConfigError, ValueError) as err:
+        raise ConfigError(f"{prefix}: {err}") from None
+
+
 def train_fashion(config: dict[str, Any], train: tuple, valid: tuple) -> None:
     """Ray Tune function trainable: one report per epoch, checkpoints via ``common.report``.
 

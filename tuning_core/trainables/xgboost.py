@@ -6,12 +6,17 @@ DMatrix objects are built once per trial.
 
 from __future__ import annotations
 
+import difflib
+import json
 import logging
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from tuning_core.errors import ConfigError
 from tuning_core.trainables.common import maybe_fail_once, model_params, report, restored_state
 
 log = logging.getLogger(__name__)
@@ -22,6 +27,8 @@ EVAL_METRICS = ["logloss", "error", "auc"]
 
 # Our search-space names → xgboost's (``lambda`` is a Python keyword, awkward in YAML/CLI tooling).
 _RENAMES = {"reg_lambda": "lambda", "reg_alpha": "alpha"}
+# xgboost's error lines start "[hh:mm:ss] /path/to/param.h:123: "; the message proper follows.
+_LOG_PREFIX = re.compile(r"^\[[^]]*\]\s*\S+:\d+:\s*")
 DEFAULT_PARAMS: dict[str, Any] = {"objective": "binary:logistic", "tree_method": "hist",
                                   "eval_metric": EVAL_METRICS, "max_cat_to_onehot": 1}
 
@@ -41,10 +48,57 @@ def xgb_params(config: dict[str, Any], nthread: int = 1, seed: int = 0, gpu: boo
         params[_RENAMES.get(k, k)] = v
     for k in ("max_depth", "max_bin"):
         if k in params:
-            params[k] = int(params[k])
+            try:
+                params[k] = int(params[k])
+            except (TypeError, ValueError):
+                raise ConfigError(f"{k}: expected a whole number, got {params[k]!r}") from None
     params["nthread"] = max(1, int(nthread))
     params["seed"] = int(config.get("seed", seed))
     return params
+
+
+def check_config(config: dict[str, Any], where: str = "") -> None:
+    """Refuse a trial config xgboost would ignore in part (a misspelt parameter) or reject (a value
+    out of bounds), before Ray starts.
+
+    xgboost itself is the judge: one round on a four-row matrix with ``validate_parameters``, which
+    warns about unused names and raises on bad values. Catching that here turns a silently ignored
+    typo (``max_dpth``), or every trial crashing, into one clear ``ConfigError``.
+
+    Raises:
+        ConfigError: naming the parameter, the value or the closest known name.
+    """
+    import numpy as np
+    import xgboost as xgb
+
+    prefix = f"search space ({where})" if where else "search space"
+    try:
+        params = {**xgb_params(config), "validate_parameters": True}
+    except ConfigError as err:  # e.g. max_depth: "deep"
+        raise ConfigError(f"{prefix}: {err}") from None
+    params.pop("device", None)  # a GPU named in the space is checked against the resources, not here
+    matrix = xgb.DMatrix(np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]), label=[0, 1, 0, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            booster = xgb.train(params, matrix, num_boost_round=1)
+        except xgb.core.XGBoostError as err:
+            first = _LOG_PREFIX.sub("", str(err).strip().splitlines()[0])
+            raise ConfigError(f"{prefix}: xgboost refuses it: {first}") from None
+    unused = sorted({name for w in caught for name in re.findall(r'"([^"]+)"', str(w.message))
+                     if "are not used" in str(w.message)})
+    if unused:
+        known = sorted(_config_keys(json.loads(booster.save_config())) | set(_RENAMES))
+        hints = [f"{name!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, 1))
+                                else "") for name in unused]
+        raise ConfigError(f"{prefix}: not xgboost parameters, xgboost would ignore them: {', '.join(hints)}")
+
+
+def _config_keys(tree: Any) -> set[str]:
+    """Every key of xgboost's JSON configuration: the parameter names it knows."""
+    if isinstance(tree, dict):
+        return set(tree).union(*(_config_keys(v) for v in tree.values()))
+    return set()
 
 
 def split_xy(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
