@@ -115,3 +115,16 @@ def test_final_fit_trains_on_the_gpu_and_returns_a_cpu_model(splits):
     assert torch.cuda.max_memory_allocated() > 0, "the final fit never touched the GPU"
     assert all(p.device.type == "cpu" for p in model.parameters()) and not model.training
     assert evaluate(model, splits["test"])["accuracy"] > 0.5
+
+
+def test_bf16_trials_train_under_autocast_on_cuda_and_checkpoint_float32_weights(ray_local, tmp_path, splits):
+    space = {**SPACE, "precision": "bf16"}
+    result, rows = _tune(splits, tmp_path, _cfg(resources={"cpu": 1, "gpu": 0.5}, max_concurrent_trials=2),
+                         "bf16", space)
+    assert {t.status for t in result.trials} == {"TERMINATED"}
+    assert {(r["device"], r["precision"]) for r in rows} == {("cuda", "bf16")}
+    assert all(np.isfinite(r["train_loss"]) for r in rows)
+    # Autocast leaves the weights (and so the checkpoint and the registered model) in float32.
+    model = load_checkpoint_model(Path(result.best_checkpoint_uri), result.best_config)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert evaluate(model, splits["valid"])["accuracy"] > 0.5  # chance is 0.1

@@ -313,6 +313,7 @@ def test_xgboost_check_names_what_xgboost_would_ignore_or_refuse(config, expecte
     ({"batch_size": 32.5}, "batch_size: expected a whole number, got 32.5"),
     ({"momentum": "high"}, "momentum: expected a number, got 'high'"),
     ({"dropout": 1.0}, "dropout must be in [0, 1), got 1.0"),
+    ({"precision": "fp16"}, "precision: one of ['fp32', 'bf16'], got 'fp16'"),
 ])
 def test_torch_check_names_what_the_trainable_would_ignore_or_refuse(config, expected):
     from tuning_core.trainables.torch import check_config

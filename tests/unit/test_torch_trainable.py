@@ -191,6 +191,24 @@ def test_a_diverged_epoch_reports_nan_instead_of_crashing():
     assert np.isnan(loss)
 
 
+def test_bf16_precision_runs_the_forward_pass_in_bfloat16_and_keeps_float32_weights(splits):
+    from tuning_core.trainables.torch import _tensors, _train_epoch, _valid_metrics
+
+    torch.manual_seed(0)
+    model = build_model("cnn", width=8, hidden=32)
+    seen: set[torch.dtype] = set()
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+    (x, y), (xv, yv) = _tensors(splits["train"]), _tensors(splits["valid"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for epoch in (1, 2, 3):
+        loss = _train_epoch(model, opt, x, y, 64, torch.Generator().manual_seed(epoch), torch.device("cpu"), "bf16")
+    assert seen == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    acc, valid_loss = _valid_metrics(model, xv, yv, "bf16")
+    assert np.isfinite(loss) and np.isfinite(valid_loss) and acc > 0.5  # chance is 0.1
+
+
 # --------------------------------------------------------------------------- prediction helpers
 
 

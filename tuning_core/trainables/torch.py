@@ -36,7 +36,12 @@ NUM_CLASSES = 10
 # with the current config's values (PBT mutates exactly these).
 OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay")
 CHECK_EVERY = 20  # steps between divergence checks in an epoch (each check waits for the GPU)
-DEFAULTS = {"lr": 0.05, "momentum": 0.9, "batch_size": 64, "weight_decay": 1e-4, "model": "cnn", "width": 32}
+DEFAULTS = {"lr": 0.05, "momentum": 0.9, "batch_size": 64, "weight_decay": 1e-4, "model": "cnn", "width": 32,
+            "precision": "fp32"}
+# "bf16": forward passes under bfloat16 autocast (weights, gradients and optimizer stay float32; no
+# loss scaling needed, unlike float16). Pays off on GPUs with bf16 tensor cores (Ampere and later);
+# on most CPUs it is slower than float32.
+PRECISIONS = ("fp32", "bf16")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -115,8 +120,12 @@ def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS, **common.model_params(config)}
 
 
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                 batch_size: int, generator: torch.Generator, device: torch.device) -> float:
+                 batch_size: int, generator: torch.Generator, device: torch.device, precision: str = "fp32") -> float:
     model.train()
     # The permutation comes from a CPU generator (same batches on CPU and GPU, same after a resume).
     order = torch.randperm(len(y), generator=generator).to(x.device)
@@ -130,7 +139,8 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
             continue
         xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xb), yb)
+        with _autocast(device, precision):
+            loss = F.cross_entropy(model(xb), yb)
         total += loss.detach() * len(idx)
         seen += len(idx)
         if step % CHECK_EVERY == 0 and not torch.isfinite(total):
@@ -142,15 +152,16 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def _logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512, precision: str = "fp32") -> torch.Tensor:
     model.eval()
     device = next(model.parameters()).device
-    out = [model(x[i: i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    with _autocast(device, precision):
+        out = [model(x[i: i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
-def _valid_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    logits = _logits(model, x)
+def _valid_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32") -> tuple[float, float]:
+    logits = _logits(model, x, precision=precision)
     y = y.cpu()
     loss = float(F.cross_entropy(logits, y))
     acc = float((logits.argmax(1) == y).float().mean())
@@ -203,6 +214,8 @@ def check_config(config: dict[str, Any], where: str = "") -> None:
                               or (kind is int and params[key] != int(params[key]))):
             expected = "a whole number" if kind is int else "a number"
             raise ConfigError(f"{prefix}: {key}: expected {expected}, got {params[key]!r}")
+    if params["precision"] not in PRECISIONS:
+        raise ConfigError(f"{prefix}: precision: one of {list(PRECISIONS)}, got {params['precision']!r}")
     if int(params["batch_size"]) < 1:
         raise ConfigError(f"{prefix}: batch_size: expected >= 1, got {params['batch_size']!r}")
     try:
@@ -219,10 +232,10 @@ def train_fashion(config: dict[str, Any], train: tuple, valid: tuple) -> None:
     ``restored_epoch`` (epochs in the checkpoint this run started from, 0 for a fresh start) and
     ``restored_from`` (the trial id that wrote that checkpoint, "" for a fresh start): after a PBT
     exploit it names the donor trial, after a retry the trial itself; ``device`` ("cuda" when the
-    trial's resources include a GPU and CUDA is there, else "cpu").
+    trial's resources include a GPU and CUDA is there, else "cpu"); ``precision`` ("fp32" or "bf16").
 
     Args:
-        config: lr, momentum, batch_size, weight_decay, model, width, optional dropout/hidden/seed,
+        config: lr, momentum, batch_size, weight_decay, model, width, precision, optional dropout/hidden/seed,
             and the runner's control keys (_max_iterations, _checkpoint_every; for fault-injection
             tests _fail_once_marker, _fail_times, _fail_after_checkpoint, see ``common.maybe_fail_once``).
         train: (images N×1×H×W float32, labels int64).
@@ -267,14 +280,15 @@ def train_fashion(config: dict[str, Any], train: tuple, valid: tuple) -> None:
     for epoch in range(start_epoch + 1, max_epochs + 1):
         # Seed per epoch so a resumed run draws the same batches an uninterrupted one would have.
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        train_loss = _train_epoch(model, optimizer, x_train, y_train, int(params["batch_size"]), gen, device)
+        train_loss = _train_epoch(model, optimizer, x_train, y_train, int(params["batch_size"]), gen, device,
+                                  params["precision"])
         if math.isnan(train_loss):
             acc, loss = 0.0, float("nan")
         else:
-            acc, loss = _valid_metrics(model, x_valid, y_valid)
+            acc, loss = _valid_metrics(model, x_valid, y_valid, params["precision"])
         metrics = {"mean_accuracy": acc, "loss": loss, "train_loss": train_loss, "epoch": epoch,
                    "lr": float(optimizer.param_groups[0]["lr"]), "restored_epoch": start_epoch,
-                   "restored_from": restored_from, "device": device.type}
+                   "restored_from": restored_from, "device": device.type, "precision": params["precision"]}
 
         def save(folder: Path, epoch: int = epoch) -> None:
             _save(folder, model, optimizer, epoch, spec, trial_id)
@@ -301,7 +315,7 @@ def fit_final(config: dict[str, Any], train: tuple, epochs: int, seed: int = 0) 
     _apply_hyperparameters(model, optimizer, params)
     for epoch in range(1, epochs + 1):
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        loss = _train_epoch(model, optimizer, x, y, int(params["batch_size"]), gen, device)
+        loss = _train_epoch(model, optimizer, x, y, int(params["batch_size"]), gen, device, params["precision"])
         logger.info("final fit epoch %d/%d: train loss %.4f", epoch, epochs, loss)
     model.spec = spec  # type: ignore[assignment]  # lets callers save the build arguments beside the weights
     return model.cpu().eval()
