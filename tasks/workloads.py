@@ -23,7 +23,14 @@ from infra.ray_cluster import check_local_resources, ray_session, workers_hold_k
 from infra.settings import Settings
 from infra.storage import Storage, build_storage, filesystem_for, redact
 from infra.tracking import TAG_STAGE, Tracker
-from tuning_core.config import FASHION_SPACE, FLIGHTS_SPACE, FashionPipeline, FlightsPipeline, config_hash
+from tuning_core.config import (
+    FASHION_SPACE,
+    FLIGHTS_SPACE,
+    FashionPipeline,
+    FlightsPipeline,
+    ParamSpec,
+    config_hash,
+)
 from tuning_core.errors import ConfigError
 from tuning_core.results import DataVersion, RegistryResult, RetrainResult, TuningResult
 from tuning_core.runner import experiment_name, run_tuning, validate
@@ -105,6 +112,12 @@ def check_trial_configs(cfg: Pipeline, space: dict[str, Any]) -> None:
         check_config(config, where)
     for i, point in enumerate(cfg.tune.points_to_evaluate or []):
         check_config({**edges[0][1], **point}, f"points_to_evaluate[{i}]")
+    # PBT's explicit mutations put their own names and values into trial configs.
+    mutations = cfg.tune.scheduler_options.hyperparam_mutations if cfg.tune.scheduler == "pbt" else None
+    as_space = {k: v if isinstance(v, ParamSpec) else ParamSpec(type="choice", values=list(v))
+                for k, v in (mutations or {}).items()}
+    for where, config in edge_configs(as_space) if as_space else []:
+        check_config({**edges[0][1], **config}, f"scheduler_options.hyperparam_mutations, {where}")
 
 
 def check_data(cfg: Pipeline, ctx: Context) -> None:
