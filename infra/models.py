@@ -72,8 +72,14 @@ def _consumer_signature(signature: Any) -> Any:
     return ModelSignature(inputs=Schema(cols), outputs=signature.outputs, params=signature.params)
 
 
-def log_torch_model(run_id: str, model: Any, example: np.ndarray, dataset: Any | None = None) -> str:
-    """Log a torch module with mlflow.pytorch (signature, input example); returns the model URI."""
+def log_torch_model(run_id: str, model: Any, example: np.ndarray, dataset: Any | None = None,
+                    preprocessing: dict[str, Any] | None = None) -> str:
+    """Log a torch module with mlflow.pytorch (signature, input example); returns the model URI.
+
+    ``preprocessing`` goes into the model's metadata (``MLmodel``; ``mlflow.models.get_model_info(uri)
+    .metadata["preprocessing"]``): the model takes normalised images, and a registry consumer holding
+    raw pixels needs the training split's statistics to prepare them.
+    """
     import mlflow
     import mlflow.pytorch
     import torch
@@ -92,6 +98,7 @@ def log_torch_model(run_id: str, model: Any, example: np.ndarray, dataset: Any |
             model, name="model", signature=infer_signature(example[:5], out), input_example=example[:2],
             code_paths=[str(Path(tuning_core.__file__).parent)],
             pip_requirements=["mlflow", "torch", "numpy"],
+            metadata={"preprocessing": preprocessing} if preprocessing else None,
         )
     return info.model_uri
 

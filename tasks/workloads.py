@@ -310,7 +310,11 @@ def _retrain_fashion(cfg: FashionPipeline, ctx: Context, version: DataVersion, t
                        plots=plots, source=source, extra={"confusion": cm})
     dataset = mlmodels.dataset_input_numpy(full[0][:1000], full[1][:1000], version.uri,
                                            f"fashion-mnist-{version.version}", version.version)
-    uri = mlmodels.log_torch_model(run_id, model, test[0][:5], dataset)
+    norm = version.manifest["normalisation"]
+    preprocessing = {"input": "float32 images shaped N x 1 x H x W", "formula": "(pixels / 255 - mean) / std",
+                     "mean": norm["mean"], "std": norm["std"], "pixels": "uint8 0-255, as in the IDX files",
+                     "data_version": version.version}
+    uri = mlmodels.log_torch_model(run_id, model, test[0][:5], dataset, preprocessing)
     return final, uri
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import mlflow
+import pyarrow.fs as pafs
 import pytest
 
 from tests.conftest import FASHION_SAMPLE
 from tuning_core.config import FashionData, FashionPipeline, RegistryConfig, TuneConfig
 
 pytestmark = pytest.mark.slow
+LOCAL = pafs.LocalFileSystem()
 
 
 def test_fashion_flow_registers_a_model_far_above_chance(local_settings, prefect_harness, ray_local):
@@ -35,3 +37,15 @@ def test_fashion_flow_registers_a_model_far_above_chance(local_settings, prefect
     x, y = load_split(build_storage(local_settings).fs, summary["data"]["uri"], "test")
     logits = model.predict(x[:64])
     assert (logits.argmax(axis=1) == y[:64]).mean() > 0.5
+
+    # A consumer with raw pixels prepares them from the model's own metadata, not our storage.
+    import numpy as np
+
+    from tuning_core.data.idx import locate_files, read_idx
+
+    prep = mlflow.models.get_model_info("models:/fashion-flow-test@champion").metadata["preprocessing"]
+    _, paths = locate_files(LOCAL, str(FASHION_SAMPLE))
+    raw = read_idx(LOCAL, paths["test_images"])[:64]
+    prepared = ((raw.astype(np.float32) / 255 - prep["mean"]) / prep["std"]).astype(np.float32)[:, None]
+    np.testing.assert_allclose(prepared, x[:64], atol=1e-5)
+    assert prep["data_version"] == summary["data"]["version"]
