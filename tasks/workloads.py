@@ -104,20 +104,20 @@ def check_trial_configs(cfg: Pipeline, space: dict[str, Any]) -> None:
     """The trainable's own check of the space's edges and of every warm-start point: a misspelt or
     out-of-bounds hyperparameter fails here, not silently ignored or crashing every trial."""
     if cfg.workload == "flights":
-        from tuning_core.trainables.xgboost import check_config
+        from tuning_core.trainables.xgboost import check_configs
     else:
-        from tuning_core.trainables.torch import check_config
+        from tuning_core.trainables.torch import check_configs
     edges = edge_configs(space)
-    for where, config in edges:
-        check_config(config, where)
-    for i, point in enumerate(cfg.tune.points_to_evaluate or []):
-        check_config({**edges[0][1], **point}, f"points_to_evaluate[{i}]")
+    configs = list(edges)
+    configs += [(f"points_to_evaluate[{i}]", {**edges[0][1], **point})
+                for i, point in enumerate(cfg.tune.points_to_evaluate or [])]
     # PBT's explicit mutations put their own names and values into trial configs.
     mutations = cfg.tune.scheduler_options.hyperparam_mutations if cfg.tune.scheduler == "pbt" else None
     as_space = {k: v if isinstance(v, ParamSpec) else ParamSpec(type="choice", values=list(v))
                 for k, v in (mutations or {}).items()}
-    for where, config in edge_configs(as_space) if as_space else []:
-        check_config({**edges[0][1], **config}, f"scheduler_options.hyperparam_mutations, {where}")
+    configs += [(f"scheduler_options.hyperparam_mutations, {where}", {**edges[0][1], **config})
+                for where, config in (edge_configs(as_space) if as_space else [])]
+    check_configs(configs)
 
 
 def check_data(cfg: Pipeline, ctx: Context) -> None:

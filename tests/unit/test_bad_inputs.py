@@ -167,8 +167,8 @@ CASES: dict[str, Case] = {
     "misspelt PBT mutation": Case(
         with_config(_yaml("tune:\n  scheduler: pbt\n  scheduler_options:\n    hyperparam_mutations:\n"
                           "      etaa: {type: uniform, low: 0.1, high: 0.3}\n")),
-        "search space (scheduler_options.hyperparam_mutations, every entry at its low end): not xgboost "
-        "parameters, xgboost would ignore them: 'etaa' (did you mean 'eta'?)"),
+        "search space (scheduler_options.hyperparam_mutations, every entry at its low end): xgboost would "
+        "ignore these in every trial (unknown names, or unused by this booster): 'etaa' (did you mean 'eta'?)"),
     "unknown CNN in the space": Case(
         fashion_with_config(_space_entry("model", "{type: choice, values: [cnn, vgg]}")),
         "search space (every entry at its high end): model: one of ['cnn', 'resnet18'], got 'vgg'"),

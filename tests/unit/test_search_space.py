@@ -305,6 +305,15 @@ def test_xgboost_check_names_what_xgboost_would_ignore_or_refuse(config, expecte
     assert "\n" not in str(err.value)
 
 
+def test_xgboost_check_accepts_a_parameter_that_only_some_choices_use():
+    from tuning_core.trainables.xgboost import check_configs
+
+    # rate_drop is unused by gbtree but used by dart: a legitimate conditional parameter.
+    check_configs(edge_configs({"booster": spec(type="choice", values=["gbtree", "dart"]), "rate_drop": 0.1}))
+    with pytest.raises(ConfigError, match=r"ignore these in every trial .*'rate_drop'"):
+        check_configs(edge_configs({"booster": "gbtree", "rate_drop": 0.1}))
+
+
 @pytest.mark.parametrize(("config", "expected"), [
     ({"widht": 32}, "['widht'] are not parameters of the torch trainable"),
     ({"model": "vgg"}, "model: one of ['cnn', 'resnet18'], got 'vgg'"),

@@ -195,6 +195,12 @@ def _load_state(folder: Path) -> dict[str, Any]:
 KNOWN_PARAMS = (*DEFAULTS, "dropout", "hidden", "seed")
 
 
+def check_configs(configs: list[tuple[str, dict[str, Any]]]) -> None:
+    """``check_config`` for each (where, config) pair, e.g. the edges of a search space."""
+    for where, config in configs:
+        check_config(config, where)
+
+
 def check_config(config: dict[str, Any], where: str = "") -> None:
     """Refuse a trial config this trainable would ignore in part or fail on, before Ray starts:
     unknown names, a model it cannot build, values the optimizer refuses, a batch size below 1.

@@ -57,25 +57,58 @@ def xgb_params(config: dict[str, Any], nthread: int = 1, seed: int = 0, gpu: boo
     return params
 
 
-def check_config(config: dict[str, Any], where: str = "") -> None:
-    """Refuse a trial config xgboost would ignore in part (a misspelt parameter) or reject (a value
-    out of bounds), before Ray starts.
+def check_configs(configs: list[tuple[str, dict[str, Any]]]) -> None:
+    """Refuse trial configs that xgboost would ignore in part (a misspelt parameter) or reject (a
+    value out of bounds), before Ray starts. ``configs``: (where, config) pairs, e.g. the edges of a
+    search space (``tuning_core.search.edge_configs``), for the messages.
 
-    xgboost itself is the judge: one round on a four-row matrix with ``validate_parameters``, which
-    warns about unused names and raises on bad values. Catching that here turns a silently ignored
-    typo (``max_dpth``), or every trial crashing, into one clear ``ConfigError``.
+    xgboost itself is the judge: one round on a four-row matrix per config with
+    ``validate_parameters``, which warns about unused names and raises on bad values. A name counts
+    as ignored only if no config uses it: ``rate_drop`` is unused by ``booster: gbtree`` but used by
+    ``dart``, a legitimate conditional parameter when the space chooses between the two.
 
     Raises:
         ConfigError: naming the parameter, the value or the closest known name.
     """
+    ignored_at: dict[str, str] = {}  # name -> where xgboost first ignored it
+    used: set[str] = set()
+    known: set[str] = set(_RENAMES)
+    for where, config in configs:
+        params, unused, keys = _boost_once(config, where)
+        known |= keys
+        for name in params:
+            if name in unused:
+                ignored_at.setdefault(name, where)
+            else:
+                used.add(name)
+    ignored = sorted(set(ignored_at) - used)
+    if ignored:
+        close = {name: difflib.get_close_matches(name, sorted(known), 1) for name in ignored}
+        hints = [f"{name!r}" + (f" (did you mean {close[name][0]!r}?)" if close[name] else "") for name in ignored]
+        where = ignored_at[ignored[0]]
+        raise ConfigError(f"{_prefix(where)}: xgboost would ignore these in every trial (unknown names, or "
+                          f"unused by this booster): {', '.join(hints)}")
+
+
+def check_config(config: dict[str, Any], where: str = "") -> None:
+    """``check_configs`` for one config."""
+    check_configs([(where, config)])
+
+
+def _prefix(where: str) -> str:
+    return f"search space ({where})" if where else "search space"
+
+
+def _boost_once(config: dict[str, Any], where: str) -> tuple[dict[str, Any], set[str], set[str]]:
+    """Boost one round with ``config``; returns (the booster parameters, the names xgboost did not
+    use, every parameter name in xgboost's configuration of that booster)."""
     import numpy as np
     import xgboost as xgb
 
-    prefix = f"search space ({where})" if where else "search space"
     try:
         params = {**xgb_params(config), "validate_parameters": True}
     except ConfigError as err:  # e.g. max_depth: "deep"
-        raise ConfigError(f"{prefix}: {err}") from None
+        raise ConfigError(f"{_prefix(where)}: {err}") from None
     params.pop("device", None)  # a GPU named in the space is checked against the resources, not here
     matrix = xgb.DMatrix(np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]), label=[0, 1, 0, 1])
     with warnings.catch_warnings(record=True) as caught:
@@ -84,14 +117,10 @@ def check_config(config: dict[str, Any], where: str = "") -> None:
             booster = xgb.train(params, matrix, num_boost_round=1)
         except xgb.core.XGBoostError as err:
             first = _LOG_PREFIX.sub("", str(err).strip().splitlines()[0])
-            raise ConfigError(f"{prefix}: xgboost refuses it: {first}") from None
-    unused = sorted({name for w in caught for name in re.findall(r'"([^"]+)"', str(w.message))
-                     if "are not used" in str(w.message)})
-    if unused:
-        known = sorted(_config_keys(json.loads(booster.save_config())) | set(_RENAMES))
-        hints = [f"{name!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, 1))
-                                else "") for name in unused]
-        raise ConfigError(f"{prefix}: not xgboost parameters, xgboost would ignore them: {', '.join(hints)}")
+            raise ConfigError(f"{_prefix(where)}: xgboost refuses it: {first}") from None
+    unused = {name for w in caught if "are not used" in str(w.message)
+              for name in re.findall(r'"([^"]+)"', str(w.message))}
+    return params, unused, _config_keys(json.loads(booster.save_config()))
 
 
 def _config_keys(tree: Any) -> set[str]:
