@@ -185,23 +185,30 @@ def tile_to_full_size(sample: Path, dest: Path) -> Path:
     return dest
 
 
-def measure(data_dir: Path, full: bool = False, seed: int = 0, stand_in: bool = False) -> dict[str, Any]:
-    """Prepare the data and run every configuration; returns the ``fashion_mnist`` section."""
+def prepare_splits(data_dir: Path, root: str, seed: int = 0, stand_in: bool = False) -> tuple[Any, dict[str, Any]]:
+    """A data version of ``data_dir`` (tiled to full size first with ``stand_in``) under ``root``, and
+    its normalised train/valid/test splits."""
     import pyarrow.fs as pafs
-    import ray
 
     from tuning_core.config import FashionData
     from tuning_core.data import idx
 
+    fs = pafs.LocalFileSystem()
+    if stand_in:
+        data_dir = tile_to_full_size(data_dir, Path(root) / "stand-in")
+    version = idx.prepare(FashionData(source=str(data_dir), seed=seed), fs, str(data_dir), fs, root)
+    return version, {s: idx.load_split(fs, version.path, s) for s in ("train", "valid", "test")}
+
+
+def measure(data_dir: Path, full: bool = False, seed: int = 0, stand_in: bool = False) -> dict[str, Any]:
+    """Prepare the data and run every configuration; returns the ``fashion_mnist`` section."""
+    import ray
+
     quiet_env()
     root = tempfile.mkdtemp(prefix="tunepipe-bench-fashion-")
     try:
-        fs = pafs.LocalFileSystem()
-        if stand_in:
-            data_dir = tile_to_full_size(data_dir, Path(root) / "stand-in")
         t0 = time.perf_counter()
-        version = idx.prepare(FashionData(source=str(data_dir), seed=seed), fs, str(data_dir), fs, root)
-        splits = {s: idx.load_split(fs, version.path, s) for s in ("train", "valid", "test")}
+        version, splits = prepare_splits(data_dir, root, seed, stand_in)
         prepare_s = time.perf_counter() - t0
         print(f"prepared {version.rows} images in {prepare_s:.1f} s", flush=True)
         num_cpus = os.cpu_count() if full else 2

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import finish, quiet_env, r
-from benchmarks.fashion_mnist import SAMPLE, tile_to_full_size
+from benchmarks.fashion_mnist import SAMPLE, prepare_splits
 
 CONFIG = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 128, "width": 32}
 
@@ -34,21 +34,14 @@ CONFIG = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 128, 
 def measure(data_dir: Path, models: list[str], epochs: int, stand_in: bool = False, seed: int = 0,
             batch_size: int = CONFIG["batch_size"]) -> dict[str, Any]:
     import numpy as np
-    import pyarrow.fs as pafs
     import torch
 
-    from tuning_core.config import FashionData
-    from tuning_core.data import idx
     from tuning_core.trainables.torch import evaluate, fit_final
 
     quiet_env()
     root = tempfile.mkdtemp(prefix="tunepipe-bench-precision-")
     try:
-        fs = pafs.LocalFileSystem()
-        if stand_in:
-            data_dir = tile_to_full_size(data_dir, Path(root) / "stand-in")
-        version = idx.prepare(FashionData(source=str(data_dir), seed=seed), fs, str(data_dir), fs, root)
-        s = {k: idx.load_split(fs, version.path, k) for k in ("train", "valid", "test")}
+        version, s = prepare_splits(data_dir, root, seed, stand_in)
         print(f"prepared {version.rows} images", flush=True)
         full = (np.concatenate([s["train"][0], s["valid"][0]]), np.concatenate([s["train"][1], s["valid"][1]]))
         warm = (full[0][:2048], full[1][:2048])
