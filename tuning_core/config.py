@@ -13,47 +13,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tuning_core.errors import ConfigError
-
-Scalar = float | int | str | bool
+from tuning_core.models import MODEL_NAMES
+from tuning_core.schedulers import SCHEDULERS
+from tuning_core.search import SEARCHERS
+from tuning_core.space import PARAM_TYPES, ParamSpec, Scalar  # noqa: F401 - re-exported: configs name them here
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-PARAM_TYPES = ("choice", "uniform", "loguniform", "quniform", "qloguniform", "randint", "grid")
-
-
-class ParamSpec(_Frozen):
-    """One entry of a search space; maps to one Ray Tune domain (see ``tuning_core.search``)."""
-
-    type: str = Field(description=f"one of {', '.join(PARAM_TYPES)}")
-    low: float | None = None
-    high: float | None = None
-    q: float | None = None
-    values: list[Scalar] | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> ParamSpec:
-        t = self.type
-        if t not in PARAM_TYPES:
-            raise ValueError(f"unknown type {t!r}, expected one of {list(PARAM_TYPES)}")
-        if t in ("choice", "grid"):
-            if not self.values:
-                raise ValueError(f"{t} needs a non-empty 'values' list")
-            return self
-        if self.low is None or self.high is None:
-            raise ValueError(f"{t} needs 'low' and 'high'")
-        if self.low >= self.high:
-            raise ValueError(f"{t} needs low < high, got low={self.low} high={self.high}")
-        if t in ("loguniform", "qloguniform") and self.low <= 0:
-            raise ValueError(f"{t} needs low > 0, got low={self.low}")
-        if t in ("quniform", "qloguniform") and (self.q is None or self.q <= 0):
-            raise ValueError(f"{t} needs q > 0")
-        return self
+# Choices are typed from the registries themselves: pydantic refuses other names, the Prefect form
+# renders a dropdown, and the CLI lists them; adding a searcher/scheduler/model adds it everywhere.
+SearchName = Literal[tuple(SEARCHERS)]  # type: ignore[valid-type]
+SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
+ModelName = Literal[tuple(MODEL_NAMES)]  # type: ignore[valid-type]
 
 
 SearchSpace = dict[str, ParamSpec | Scalar]
@@ -106,8 +83,8 @@ class Resources(_Frozen):
 class TuneConfig(_Frozen):
     """What to search, how, and with which budget."""
 
-    search: str = Field("hyperopt", description="random, grid, hyperopt or optuna")
-    scheduler: str = Field("asha", description="fifo, asha, hyperband, median or pbt")
+    search: SearchName = Field("hyperopt", description="search algorithm")
+    scheduler: SchedulerName = Field("asha", description="early-stopping scheduler")
     scheduler_options: SchedulerOptions = SchedulerOptions()
     metric: str = "auc"
     mode: Literal["max", "min"] = "max"
@@ -122,24 +99,6 @@ class TuneConfig(_Frozen):
     max_failures: int = Field(2, ge=0)
     resources: Resources = Resources()
     seed: int = 0
-
-    @field_validator("search")
-    @classmethod
-    def _known_search(cls, v: str) -> str:
-        from tuning_core.search import SEARCHERS
-
-        if v not in SEARCHERS:
-            raise ValueError(f"search must be one of {sorted(SEARCHERS)}, got {v!r}")
-        return v
-
-    @field_validator("scheduler")
-    @classmethod
-    def _known_scheduler(cls, v: str) -> str:
-        from tuning_core.schedulers import SCHEDULERS
-
-        if v not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {v!r}")
-        return v
 
 
 class FlightsData(_Frozen):
@@ -203,18 +162,26 @@ class FashionPipeline(_Frozen):
     registry: RegistryConfig = FASHION_REGISTRY
     run_id: str | None = None
     warm_start_from_champion: bool = False
+    model: ModelName | None = Field(None, description="the network to tune (sets the search space's 'model' "
+                                                      "entry); None: the space's own entry, cnn by default")
 
     @model_validator(mode="before")
     @classmethod
     def _partial_sections_keep_workload_defaults(cls, data: Any) -> Any:
         """A partial ``tune``/``registry`` (YAML, CLI, Prefect form) overrides the FashionMNIST defaults,
-        not TuneConfig's generic ones (whose metric is the flights' ``auc``)."""
+        not TuneConfig's generic ones (whose metric is the flights' ``auc``). ``model`` is written into
+        the search space, the one place trials read it from."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
         for key, default in (("tune", FASHION_TUNE), ("registry", FASHION_REGISTRY)):
             if isinstance(data.get(key), dict):
                 data[key] = {**default.model_dump(), **data[key]}
+        tune = data.get("tune", FASHION_TUNE)
+        if data.get("model") is not None and isinstance(tune, dict | TuneConfig):
+            tune = tune.model_dump() if isinstance(tune, TuneConfig) else dict(tune)
+            tune["space"] = {**(tune.get("space") or FASHION_SPACE), "model": data["model"]}
+            data["tune"] = tune
         return data
 
 
@@ -236,6 +203,8 @@ def _format_validation(err: ValidationError, where: str) -> str:
     first = next((e for e in errors if any("ParamSpec" in str(p) for p in e["loc"])), errors[0])
     loc = _clean_loc(first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] in ("literal_error", "enum"):  # pydantic lists the choices but not what it got
+        msg += f", got {first['input']!r}"
     places = {_clean_loc(e["loc"]) for e in errors} - {loc}
     more = f" (and {len(places)} more)" if places else ""
     return f"invalid config {where}: {loc}: {msg}{more}"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tuning_core.config import ParamSpec, Scalar, TuneConfig
 from tuning_core.errors import ConfigError
+from tuning_core.space import ParamSpec, Scalar
+
+if TYPE_CHECKING:  # config types its `search`/`scheduler` from this module's table: no runtime import back
+    from tuning_core.config import TuneConfig
 
 TIME_ATTR = "training_iteration"
 

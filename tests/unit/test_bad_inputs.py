@@ -172,8 +172,13 @@ CASES: dict[str, Case] = {
     "unknown CNN in the space": Case(
         fashion_with_config(_space_entry("model", "{type: choice, values: [cnn, vgg]}")),
         "search space (every entry at its high end): model: one of ['cnn', 'resnet18'], got 'vgg'"),
-    "unknown scheduler": Case(run_flights(None, "--scheduler", "fastest"), "scheduler must be one of"),
-    "unknown search": Case(run_flights(None, "--search", "bayes"), "search must be one of"),
+    "unknown scheduler": Case(run_flights(None, "--scheduler", "fastest"),
+                              "tune.scheduler: Input should be 'fifo', 'asha', 'hyperband', 'median' or 'pbt', "
+                              "got 'fastest'"),
+    "unknown search": Case(run_flights(None, "--search", "bayes"),
+                           "tune.search: Input should be 'random', 'grid', 'hyperopt' or 'optuna', got 'bayes'"),
+    "unknown CNN": Case(lambda tmp: ["run", "fashion-mnist", "--data", _idx_set()(tmp), "--model", "vgg"],
+                        "model: Input should be 'cnn' or 'resnet18', got 'vgg'"),
     "num_samples 0": Case(lambda tmp: ["run", "flights", "--num-samples", "0"], "tune.num_samples"),
     "negative time budget": Case(with_config(_yaml("tune:\n  time_budget_s: -5\n")), "tune.time_budget_s"),
     "bad YAML": Case(with_config(_yaml("tune: [unclosed\n")), "not valid YAML"),

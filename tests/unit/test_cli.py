@@ -45,3 +45,71 @@ def test_run_check_runs_the_pre_run_checks_only_and_writes_nothing(local_setting
     # Neither started anything: no data version, no Ray experiment, no model version.
     assert _written(str(tmp_path / "store"), local_settings) == []
     assert _model_versions(tmp_path / "mlflow.db") == []
+
+
+# ---- choices, defaults, version: what `--help`, the config and the Prefect form offer ----------------
+
+
+def test_version_prints_the_installed_package_version():
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"tunepipe {version('tunepipe')}"
+
+
+def test_help_lists_the_registry_choices_and_the_pipeline_defaults():
+    from tuning_core.schedulers import SCHEDULERS
+    from tuning_core.search import SEARCHERS
+
+    # Wide enough that rich does not wrap the choices or the defaults.
+    out = CliRunner().invoke(app, ["run", "flights", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "[" + "|".join(SEARCHERS) + "]" in out and "[" + "|".join(SCHEDULERS) + "]" in out
+    assert "[default: (hyperopt)]" in out and "[default: (asha)]" in out and "[default: (12)]" in out
+    fashion = CliRunner().invoke(app, ["run", "fashion-mnist", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "[cnn|resnet18]" in fashion and "[default: (4)]" in fashion  # FashionMNIST's own budget
+
+
+def test_choice_fields_are_typed_from_the_registries():
+    import pytest
+
+    from tuning_core.config import FlightsPipeline, TuneConfig, build_config
+    from tuning_core.errors import ConfigError
+    from tuning_core.models import MODEL_NAMES
+    from tuning_core.models.cnn import MODELS
+    from tuning_core.schedulers import SCHEDULERS
+    from tuning_core.search import SEARCHERS
+
+    schema = TuneConfig.model_json_schema()["properties"]
+    assert schema["search"]["enum"] == list(SEARCHERS) and schema["scheduler"]["enum"] == list(SCHEDULERS)
+    assert MODEL_NAMES == tuple(MODELS)  # the torch-free copy of the model names matches the table
+    for name in SEARCHERS:
+        assert TuneConfig(search=name).search == name
+    with pytest.raises(ConfigError) as err:
+        build_config(FlightsPipeline, {"tune": {"scheduler": "ASHA"}})
+    assert str(err.value) == ("invalid config for FlightsPipeline: tune.scheduler: Input should be 'fifo', 'asha', "
+                              "'hyperband', 'median' or 'pbt', got 'ASHA'")
+
+
+def test_prefect_form_offers_dropdowns_and_the_model_choice_reaches_the_space():
+    from flows.fashion_mnist import fashion_mnist_tuning
+    from tuning_core.config import FASHION_SPACE, FashionPipeline
+
+    definitions = fashion_mnist_tuning.parameters.model_dump()["definitions"]
+    assert definitions["TuneConfig"]["properties"]["search"]["enum"] == ["random", "grid", "hyperopt", "optuna"]
+    model = definitions["FashionPipeline"]["properties"]["model"]["anyOf"]
+    assert {"enum": ["cnn", "resnet18"], "type": "string"} in model
+    # As the form submits it: a partial tune section and the model dropdown's value.
+    cfg = FashionPipeline.model_validate({"data": {"source": "x"}, "tune": {"num_samples": 2}, "model": "resnet18"})
+    assert cfg.tune.space == {**FASHION_SPACE, "model": "resnet18"}
+    assert cfg.tune.metric == "mean_accuracy" and cfg.tune.num_samples == 2
+    assert FashionPipeline.model_validate(cfg.model_dump(mode="json")) == cfg  # Prefect's JSON round trip
+    assert FashionPipeline(data={"source": "x"}).tune.space is None  # no model given: the default space stands
+
+
+def test_search_and_scheduler_modules_import_on_their_own():
+    import subprocess
+    import sys
+
+    for module in ("tuning_core.search", "tuning_core.schedulers", "tuning_core.config"):
+        subprocess.run([sys.executable, "-c", f"import {module}"], check=True, timeout=60)
