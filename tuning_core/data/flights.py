@@ -53,6 +53,25 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tuning_core.config import FlightsData
+
+# The feature code is shared with every registered model (a copy of that file ships with each):
+# a model builds features from raw rows exactly as the data stage does.
+from tuning_core.data.flight_features import (
+    CATEGORICAL,
+    FEATURE_DTYPES,
+    FEATURES,
+    NULL_VALUES,
+    SCHEMAS,  # noqa: F401 - part of this module's interface
+    STRING_ROLES,
+    FeatureError,
+    RawSchema,
+    canonical_columns,
+    expected_schemas,
+    match_schema,
+    numbers,
+    read_schedule,
+)
+from tuning_core.data.flight_features import to_features as _to_features
 from tuning_core.errors import ConfigError, DataError, StorageError, TunepipeError, storage_failure
 from tuning_core.results import DataVersion
 from tuning_core.versioning import read_manifest, version_exists, write_version
@@ -61,37 +80,6 @@ logger = logging.getLogger(__name__)
 
 DATASET = "flights"
 LABEL = "delayed"
-FEATURES: list[str] = [
-    "year",
-    "month",
-    "day",
-    "day_of_week",  # ISO: 1 = Monday ... 7 = Sunday, computed from the date for every schema
-    "dep_hour",  # scheduled departure, local time
-    "dep_minute",
-    "arr_hour",  # scheduled arrival hour, local time
-    "carrier",
-    "origin",
-    "dest",
-    "distance",  # miles
-    "flight_number",
-]
-CATEGORICAL: list[str] = ["carrier", "origin", "dest"]
-# Small dtypes keep a multi-million-row table in a few hundred MB. distance and flight_number are
-# float32 so that a missing value stays NaN, which XGBoost treats as "missing".
-FEATURE_DTYPES: dict[str, str] = {
-    "year": "int16",
-    "month": "int8",
-    "day": "int8",
-    "day_of_week": "int8",
-    "dep_hour": "int8",
-    "dep_minute": "int8",
-    "arr_hour": "int8",
-    "carrier": "category",
-    "origin": "category",
-    "dest": "category",
-    "distance": "float32",
-    "flight_number": "float32",
-}
 SPLITS = ("train", "valid", "test")
 
 # Known only during or after the flight: using any of them as a feature leaks the label.
@@ -109,7 +97,6 @@ LEAKY_COLUMNS = frozenset(
     )
 )
 
-NULL_VALUES = ["NA", "\\N", ""]
 CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.zip", ".zip", ".gz", ".bz2", ".txt")
 # Bump when the canonical table changes meaning: it is part of every content hash.
 CANONICAL_VERSION = 1
@@ -118,57 +105,8 @@ CANONICAL_VERSION = 1
 _BLOCK_SIZE = 4 << 20
 _HEADER_PROBE = 1 << 20
 
-_STRING_ROLES = {"carrier", "origin", "dest"}
 _DICT = pa.dictionary(pa.int32(), pa.string())
 
-
-@dataclass(frozen=True)
-class _Schema:
-    """An input schema: which header name(s) carry each role, and which roles the label needs."""
-
-    name: str
-    roles: dict[str, tuple[str, ...]]  # role → accepted header names, first present wins
-    label_roles: tuple[str, ...]
-
-    def feature_roles(self) -> list[str]:
-        return [r for r in self.roles if r not in self.label_roles]
-
-    def expected(self) -> str:
-        return ", ".join("/".join(names) for names in self.roles.values())
-
-
-_COMMON = {"origin": ("Origin",), "dest": ("Dest",), "sched_dep": ("CRSDepTime",), "sched_arr": ("CRSArrTime",),
-           "distance": ("Distance",)}
-SCHEMAS: dict[str, _Schema] = {
-    # bts first: its files also carry Year/Month/DayofMonth, but FlightDate and the carrier columns
-    # single it out.
-    "bts": _Schema(
-        "bts",
-        {"flight_date": ("FlightDate",),
-         "carrier": ("Reporting_Airline", "IATA_CODE_Reporting_Airline"),
-         "flight": ("Flight_Number_Reporting_Airline",),
-         **_COMMON,
-         "arr_delay": ("ArrDelay",), "cancelled": ("Cancelled",), "diverted": ("Diverted",)},
-        ("arr_delay", "cancelled", "diverted"),
-    ),
-    "asa": _Schema(
-        "asa",
-        {"year": ("Year",), "month": ("Month",), "day": ("DayofMonth",),
-         "carrier": ("UniqueCarrier",), "flight": ("FlightNum",),
-         **_COMMON,
-         "arr_delay": ("ArrDelay",), "cancelled": ("Cancelled",), "diverted": ("Diverted",)},
-        ("arr_delay", "cancelled", "diverted"),
-    ),
-    "nycflights13": _Schema(
-        "nycflights13",
-        {"year": ("year",), "month": ("month",), "day": ("day",),
-         "sched_dep": ("sched_dep_time",), "sched_arr": ("sched_arr_time",),
-         "carrier": ("carrier",), "flight": ("flight",), "origin": ("origin",), "dest": ("dest",),
-         "distance": ("distance",),
-         "arr_delay": ("arr_delay",), "dep_time": ("dep_time",)},
-        ("arr_delay", "dep_time"),
-    ),
-}
 
 # Reasons a row is dropped, in the order they are checked (a row counts once, for the first).
 DROP_REASONS = ("missing_schedule", "cancelled", "diverted", "no_label", "max_rows")
@@ -342,23 +280,11 @@ def _read_header(fs: pafs.FileSystem, path: str) -> _Header:
     return _Header(names=names, encoding=encoding, line=line, has_rows=bool(rest and rest[0].strip()))
 
 
-def _expected_schemas() -> str:
-    return "; ".join(f"{s.name}: {s.expected()}" for s in SCHEMAS.values())
-
-
-def _detect(header: _Header, src: str, need_label: bool) -> tuple[_Schema, dict[str, str]]:
+def _detect(header: _Header, src: str, need_label: bool) -> tuple[RawSchema, dict[str, str]]:
     """The first schema whose required columns the header has, and role → header name."""
-    by_lower = {n.strip().lower(): n for n in header.names}
-    for schema in SCHEMAS.values():
-        roles = schema.roles if need_label else {r: schema.roles[r] for r in schema.feature_roles()}
-        found = {}
-        for role, names in roles.items():
-            hit = next((by_lower[n.lower()] for n in names if n.lower() in by_lower), None)
-            if hit is None:
-                break
-            found[role] = hit
-        else:
-            return schema, found
+    found = match_schema(header.names, need_label)
+    if found is not None:
+        return found
     hint = ""
     if len(header.names) <= 2:
         for delim in (";", "\t", "|"):
@@ -367,67 +293,23 @@ def _detect(header: _Header, src: str, need_label: bool) -> tuple[_Schema, dict[
                 break
     shown = ", ".join(header.names[:8]) + (", ..." if len(header.names) > 8 else "")
     raise DataError(f"{src}: unknown flights schema{hint}, header [{shown[:80]}]; "
-                    f"expected the columns of one of {_expected_schemas()}")
+                    f"expected the columns of one of {expected_schemas()}")
 
 
 # --------------------------------------------------------------------------- per-batch conversion
-
-
-def _num(batch: pa.RecordBatch, name: str) -> np.ndarray:
-    """A numeric column as float64 with NaN for missing values."""
-    return np.asarray(batch.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
-
-
-def _days_from_ymd(y: np.ndarray, m: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Days since 1970-01-01 and a validity mask (missing or impossible dates are invalid)."""
-    with np.errstate(invalid="ignore"):
-        valid = (y >= 1900) & (y <= 2200) & (m >= 1) & (m <= 12) & (d >= 1) & (d <= 31)
-        valid &= (y == np.floor(y)) & (m == np.floor(m)) & (d == np.floor(d))
-    yi = np.where(valid, y, 1970).astype(np.int64)
-    mi = np.where(valid, m, 1).astype(np.int64)
-    di = np.where(valid, d, 1).astype(np.int64)
-    months = (yi - 1970) * 12 + (mi - 1)
-    days = months.astype("datetime64[M]").astype("datetime64[D]").astype(np.int64) + (di - 1)
-    # 31 February rolls over into March: reject instead of silently moving the flight.
-    valid &= days.astype("datetime64[D]").astype("datetime64[M]").astype(np.int64) == months
-    return days, valid
-
-
-def _days_from_flight_date(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Days since epoch from BTS FlightDate: ISO "2019-01-31" or US "1/31/2019 12:00:00 AM"."""
-    if pa.types.is_dictionary(col.type):
-        col = col.cast(pa.string())
-    date_part = pc.replace_substring_regex(col, r"[ T].*$", "")
-    ts = pc.coalesce(
-        pc.strptime(date_part, format="%Y-%m-%d", unit="s", error_is_null=True),
-        pc.strptime(date_part, format="%m/%d/%Y", unit="s", error_is_null=True),
-    )
-    days = np.asarray(pc.cast(pc.cast(ts, pa.date32()), pa.int32()).to_numpy(zero_copy_only=False), np.float64)
-    valid = np.isfinite(days)
-    return np.where(valid, days, 0).astype(np.int64), valid
-
-
-def _hhmm(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hour, minute and validity of hhmm clock times (2400 is midnight, hour 0)."""
-    with np.errstate(invalid="ignore"):
-        valid = (v >= 0) & (v <= 2400) & (v == np.floor(v))
-    vi = np.where(valid, v, 0).astype(np.int64)
-    minute = vi % 100
-    valid &= minute < 60
-    return (vi // 100) % 24, minute, valid
 
 
 @dataclass(frozen=True)
 class _Plan:
     """How one file is read: its schema, the header name of each role, and the pyarrow options."""
 
-    schema: _Schema
+    schema: RawSchema
     columns: dict[str, str]  # role → header name
 
     def convert_options(self) -> pacsv.ConvertOptions:
         types = {}
         for role, name in self.columns.items():
-            types[name] = _DICT if role in _STRING_ROLES else pa.string() if role == "flight_date" else pa.float64()
+            types[name] = _DICT if role in STRING_ROLES else pa.string() if role == "flight_date" else pa.float64()
         return pacsv.ConvertOptions(
             include_columns=list(dict.fromkeys(self.columns.values())),
             column_types=types,
@@ -445,26 +327,21 @@ def _convert_batch(
     Returns the table and how many rows were labelled from a cancellation/diversion.
     """
     col = plan.columns
-    if "flight_date" in col:
-        days, valid = _days_from_flight_date(batch.column(col["flight_date"]))
-    else:
-        days, valid = _days_from_ymd(_num(batch, col["year"]), _num(batch, col["month"]), _num(batch, col["day"]))
-    dep_h, dep_m, dep_ok = _hhmm(_num(batch, col["sched_dep"]))
-    arr_h, _, arr_ok = _hhmm(_num(batch, col["sched_arr"]))
-    keep = valid & dep_ok & arr_ok
+    schedule = read_schedule(batch, col)
+    keep = schedule.valid
     dropped["missing_schedule"] += int((~keep).sum())
     relabelled: Counter = Counter()
 
     label = None
     if cfg is not None:
-        arr_delay = _num(batch, col["arr_delay"])
+        arr_delay = numbers(batch, col["arr_delay"])
         if plan.schema.name == "nycflights13":
             # No flags in this schema: no actual departure = cancelled; departed but no arrival
             # delay recorded = diverted (see the module docstring).
-            departed = np.isfinite(_num(batch, col["dep_time"]))
+            departed = np.isfinite(numbers(batch, col["dep_time"]))
             cancelled, diverted = ~departed, departed & ~np.isfinite(arr_delay)
         else:
-            cancelled, diverted = _num(batch, col["cancelled"]) == 1, _num(batch, col["diverted"]) == 1
+            cancelled, diverted = numbers(batch, col["cancelled"]) == 1, numbers(batch, col["diverted"]) == 1
         cancelled &= keep
         diverted &= keep & ~cancelled
         with np.errstate(invalid="ignore"):
@@ -481,24 +358,7 @@ def _convert_batch(
         dropped["no_label"] += int(no_label.sum())
         keep &= ~no_label
 
-    mask = pa.array(keep)
-    dates = days[keep].astype("datetime64[D]")
-    months = dates.astype("datetime64[M]")
-    columns: dict[str, Any] = {
-        "_day": pa.array(days[keep].astype(np.int32)),
-        "year": pa.array((dates.astype("datetime64[Y]").astype(np.int64) + 1970).astype(np.int16)),
-        "month": pa.array((months.astype(np.int64) % 12 + 1).astype(np.int8)),
-        "day": pa.array(((dates - months.astype("datetime64[D]")).astype(np.int64) + 1).astype(np.int8)),
-        "day_of_week": pa.array(((days[keep] + 3) % 7 + 1).astype(np.int8)),  # 1970-01-01 was a Thursday
-        "dep_hour": pa.array(dep_h[keep].astype(np.int8)),
-        "dep_minute": pa.array(dep_m[keep].astype(np.int8)),
-        "arr_hour": pa.array(arr_h[keep].astype(np.int8)),
-        "carrier": batch.column(col["carrier"]).filter(mask),
-        "origin": batch.column(col["origin"]).filter(mask),
-        "dest": batch.column(col["dest"]).filter(mask),
-        "distance": pa.array(_num(batch, col["distance"])[keep].astype(np.float32)),
-        "flight_number": pa.array(_num(batch, col["flight"])[keep].astype(np.float32)),
-    }
+    columns = canonical_columns(batch, col, schedule, keep)
     if label is not None:
         columns[LABEL] = pa.array(label[keep].astype(np.int8))
     return pa.table(columns), relabelled
@@ -912,32 +772,10 @@ def to_features(df: pd.DataFrame, manifest: dict[str, Any]) -> pd.DataFrame:
     Raises:
         DataError: a feature column is missing, not numeric, or an integer column has gaps.
     """
-    missing = [c for c in FEATURES if c not in df.columns]
-    if missing:
-        raise DataError(f"flights features: input lacks columns {missing}; expected {FEATURES}")
-    categories = manifest.get("categories", {})
-    out = {}
-    for name in FEATURES:
-        col = df[name]
-        dtype = FEATURE_DTYPES[name]
-        if dtype == "category":
-            values = col.astype(object).where(col.notna(), None)
-            cat = pd.Categorical(values, categories=categories.get(name, []))
-            unseen = int(cat.isna().sum() - col.isna().sum())
-            if unseen:
-                logger.warning("flights features: %d values of %s unseen in training become missing", unseen, name)
-            out[name] = cat
-            continue
-        try:
-            numeric = pd.to_numeric(col, errors="raise")
-        except (ValueError, TypeError):
-            bad = col[pd.to_numeric(col, errors="coerce").isna() & col.notna()]
-            example = bad.iloc[0] if len(bad) else "?"
-            raise DataError(f"flights features: column {name!r} is not numeric (example value {example!r})") from None
-        if dtype.startswith("int") and numeric.isna().any():
-            raise DataError(f"flights features: column {name!r} has missing values; expected {dtype}")
-        out[name] = numeric.astype(dtype).to_numpy()
-    return pd.DataFrame(out, index=df.index)
+    try:
+        return _to_features(df, manifest.get("categories", {}))
+    except FeatureError as err:
+        raise DataError(f"flights features: {err}") from None
 
 
 def read_canonical(source_fs: pafs.FileSystem | None, source_path: str) -> tuple[pd.DataFrame, str]:
