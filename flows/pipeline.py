@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import UTC
 from typing import Any
 
 from prefect import get_run_logger
@@ -15,13 +16,28 @@ from tasks import stages
 from tasks.workloads import Pipeline, with_warm_start
 
 
+def _stamp() -> str:
+    # The scheduled start, not "now": the name keeps its date when the data stage renames the run,
+    # and a scheduled deployment run is named for the time it was meant to run.
+    return f"{flow_run.scheduled_start_time.astimezone(UTC):%Y%m%d-%H%M}"
+
+
+def start_name(workload: str) -> Callable[[], str]:
+    """A flow's ``flow_run_name``: workload and date, from the start, so that a run failing before
+    the data stage is still told apart in the UI ("flights-20261130-0200")."""
+    def name() -> str:
+        return f"{workload}-{_stamp()}"
+
+    return name
+
+
 def rename_run(cfg: Pipeline, version: str) -> None:
-    """Flow run names that say what ran: workload, data version, date."""
+    """Once the data version is known, the name says what ran: workload, data version, date."""
     if not flow_run.id:
         return
     from prefect.client.orchestration import get_client
 
-    name = f"{cfg.workload}-{version[:10]}-{datetime.now(UTC):%Y%m%d-%H%M}"
+    name = f"{cfg.workload}-{version[:10]}-{_stamp()}"
     with get_client(sync_client=True) as client:
         client.update_flow_run(flow_run.id, name=name)
 
