@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(None, validation_alias=AliasChoices("RAY_ADDRESS", "ray_address"))
     ray_num_cpus: int | None = Field(None, validation_alias=AliasChoices("TUNEPIPE_RAY_NUM_CPUS", "ray_num_cpus"))
     prefect_api_url: str | None = Field(None, validation_alias=AliasChoices("PREFECT_API_URL", "prefect_api_url"))
+    # The experiment lease (infra.lease): how long a run waits for a held one (0: stop at once, exit 3),
+    # and how long a record stays valid without its holder's heartbeat (renewed every third of it).
+    lease_wait_s: float = Field(0.0, ge=0, validation_alias=AliasChoices("TUNEPIPE_LEASE_WAIT_S", "lease_wait_s"))
+    lease_ttl_s: float = Field(60.0, gt=0, validation_alias=AliasChoices("TUNEPIPE_LEASE_TTL_S", "lease_ttl_s"))
 
     @property
     def is_s3(self) -> bool:

@@ -13,6 +13,7 @@ class TunepipeError(Exception):
     """
 
     retryable = False
+    exit_code = 2  # the CLI's exit status for this error
 
 
 class ConfigError(TunepipeError):
@@ -29,6 +30,13 @@ class StorageError(TunepipeError):
 
 class TrackingError(TunepipeError):
     """MLflow tracking or registry cannot be used as configured."""
+
+
+class ExperimentBusy(TunepipeError):
+    """Another run holds the experiment's lease (``infra.lease``); the CLI exits 3, not 2: the input is fine,
+    the experiment is taken."""
+
+    exit_code = 3
 
 
 class ServiceUnavailable(TunepipeError):
