@@ -244,10 +244,17 @@ def retrain(cfg: Pipeline, ctx: Context, version: DataVersion, tuning: TuningRes
                              params=[Param(k, str(v)) for k, v in params.items() if k not in existing])
     board = json.dumps(tuning.leaderboard_rows(), default=str, indent=1).encode()
     tracker.log_files(run_id, {**final.plots, "leaderboard.json": board})
-    if tuning.curves_png_uri:
-        fs, p = filesystem_for(tuning.curves_png_uri, ctx.settings)
-        with fs.open_input_stream(p) as f:
-            tracker.log_files(run_id, {"learning_curves.png": f.read()})
+    plots = {}
+    for name, uri in (("learning_curves.png", tuning.curves_png_uri), ("parallel_coordinates.png",
+                                                                      tuning.parallel_png_uri)):
+        if uri:
+            fs, p = filesystem_for(uri, ctx.settings)
+            with fs.open_input_stream(p) as f:
+                plots[name] = f.read()
+    if plots:
+        tracker.log_files(run_id, plots)
+    if "parallel_coordinates.png" in plots:  # the search's view also on the parent run, whose children are the trials
+        tracker.log_files(parent, {"parallel_coordinates.png": plots["parallel_coordinates.png"]})
     for k, v in {"tunepipe.model_uri": model_uri, "tunepipe.best_config": json.dumps(tuning.best_config),
                  "tunepipe.checkpoint_uri": tuning.best_checkpoint_uri or "", "data_version": version.version,
                  "tunepipe.test_metrics": json.dumps(final.test_metrics),

@@ -77,6 +77,7 @@ class TuningResult(_Result):
     trials: list[TrialRecord]
     leaderboard_uri: str | None = None
     curves_png_uri: str | None = None
+    parallel_png_uri: str | None = None  # parallel-coordinates plot of the trials (tuning_core.plots)
 
     def leaderboard_rows(self) -> list[dict[str, Any]]:
         key = (lambda t: -(t.best_metric or float("-inf"))) if self.mode == "max" else (

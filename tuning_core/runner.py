@@ -368,6 +368,8 @@ def _write_reports(result: TuningResult, fs: pafs.FileSystem, exp_path: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tuning_core.plots import parallel_coordinates_png
+
     board = pd.DataFrame(result.leaderboard_rows())
     prefix = "s3://" if result.experiment_uri.startswith("s3://") else ""
     buf = io.BytesIO()
@@ -391,5 +393,8 @@ def _write_reports(result: TuningResult, fs: pafs.FileSystem, exp_path: str) -> 
     plt.close(fig)
     with fs.open_output_stream(f"{exp_path}/learning_curves.png") as out:
         out.write(png.getvalue())
+    with fs.open_output_stream(f"{exp_path}/parallel_coordinates.png") as out:
+        out.write(parallel_coordinates_png(result))
     return result.model_copy(update={"leaderboard_uri": f"{prefix}{exp_path}/leaderboard.parquet",
-                                     "curves_png_uri": f"{prefix}{exp_path}/learning_curves.png"})
+                                     "curves_png_uri": f"{prefix}{exp_path}/learning_curves.png",
+                                     "parallel_png_uri": f"{prefix}{exp_path}/parallel_coordinates.png"})

@@ -381,9 +381,9 @@ def test_reports_and_best_checkpoint_are_written_next_to_the_experiment(tuned):
     assert list(board["rank"]) == [1, 2, 3]
     assert board["best_auc"].is_monotonic_decreasing
     assert (exp_dir / "leaderboard.csv").stat().st_size > 0
-    png = Path(result.curves_png_uri)
-    assert png.parent == exp_dir
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in (Path(result.curves_png_uri), Path(result.parallel_png_uri)):
+        assert png.parent == exp_dir
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpt = Path(result.best_checkpoint_uri)
     assert ckpt.parent.parent == exp_dir and ckpt.parent.name == f"trial_{result.best_trial_id}"
     assert (ckpt / MODEL_FILE).stat().st_size > 0
