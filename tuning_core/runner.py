@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ import pyarrow.fs as pafs
 from tuning_core.config import ParamSpec, Scalar, TuneConfig
 from tuning_core.errors import ConfigError
 from tuning_core.results import TrialRecord, TuningResult
-from tuning_core.schedulers import create_scheduler
+from tuning_core.schedulers import create_scheduler, report_cadence
 from tuning_core.search import build_space, create_searcher
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def _driver_callbacks(cfg: TuneConfig, progress: Progress | None, extra: list[An
             return value > self.best if cfg.mode == "max" else value < self.best
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.rows.setdefault(trial.trial_id, []).append(_history_row(result, cfg.metric))
+            self.rows.setdefault(trial.trial_id, []).extend(_history_rows(result, cfg.metric))
             value = result.get(cfg.metric)
             if isinstance(value, (int, float)) and not math.isnan(value) and self._better(value):
                 self.best = float(value)
@@ -194,7 +195,9 @@ def run_tuning(
     from ray import tune
 
     param_space = validate(cfg, space)
-    param_space = {**param_space, "_max_iterations": cfg.max_iterations, "_checkpoint_every": cfg.checkpoint_every}
+    report_at, every = report_cadence(cfg)
+    param_space = {**param_space, "_max_iterations": cfg.max_iterations, "_checkpoint_every": every,
+                   "_report_at": report_at}
     exp_path = f"{storage_path.rstrip('/')}/{name}"
     _check_a_node_fits(cfg)
     resources = {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
@@ -269,12 +272,40 @@ def _clean_config(config: dict[str, Any]) -> dict[str, Any]:
 _HISTORY_METRICS = ("auc", "logloss", "error", "mean_accuracy", "loss", "train_loss")
 
 
-def _history_row(result: dict[str, Any], metric: str) -> dict[str, Any]:
-    """A result as a history row: iteration, metrics and the (possibly PBT-mutated) config."""
+def _history_rows(result: dict[str, Any], metric: str) -> list[dict[str, Any]]:
+    """A result as history rows, one per iteration: the rounds its ``curve`` covers (trainables
+    that report sparsely send each round's values since their previous report), then the result's
+    own iteration with its metrics and the (possibly PBT-mutated) config."""
     row = {k: v for k, v in result.items() if k in ("training_iteration", metric, *_HISTORY_METRICS)}
     row.update({f"config/{k}": v for k, v in (result.get("config") or {}).items()
                 if not k.startswith("_") and isinstance(v, (int, float, str, bool))})
-    return row
+    curve = _curve(result)
+    last = _num(result.get("training_iteration"))
+    rows = []
+    if curve and last is not None:
+        length = max(len(v) for v in curve.values())
+        for j in range(length - 1):  # the last value is the result's own row
+            point = {name: values[j] for name, values in curve.items() if j < len(values)}
+            rows.append({**point, "training_iteration": int(last) - length + 1 + j})
+    return [*rows, row]
+
+
+def _curve(result: dict[str, Any]) -> dict[str, list[float]]:
+    """The per-round values of a result, whether it came live (a dict of lists) or from Ray's CSV
+    (flattened ``curve/<name>`` columns holding the list as text)."""
+    curve = result.get("curve")
+    if not isinstance(curve, dict):
+        curve = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("curve/")}
+    out = {}
+    for name, values in curve.items():
+        if isinstance(values, str):
+            try:
+                values = json.loads(values.replace("nan", "NaN"))
+            except ValueError:
+                continue
+        if isinstance(values, (list, tuple)) and name in _HISTORY_METRICS:
+            out[name] = [float(v) for v in values]
+    return out
 
 
 def _history(result: Any, metric: str, live: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -291,7 +322,10 @@ def _history(result: Any, metric: str, live: list[dict[str, Any]]) -> list[dict[
         # Config columns are kept too: under PBT they change during a trial (mutations).
         keep = [c for c in df.columns if c in ("training_iteration", metric, *_HISTORY_METRICS)
                 or (c.startswith("config/") and not c.startswith("config/_"))]
-        rows = df[keep].to_dict(orient="records")
+        curves = [c for c in df.columns if c.startswith("curve/")]
+        rows = [r for rec in df[keep + curves].to_dict(orient="records") for r in _history_rows(
+            {**{k: v for k, v in rec.items() if not k.startswith("config/")}, "config": {
+                k.removeprefix("config/"): v for k, v in rec.items() if k.startswith("config/")}}, metric)]
     by_iteration: dict[int, dict[str, Any]] = {}
     for row in [*rows, *live]:
         if _num(row.get("training_iteration")) is not None:

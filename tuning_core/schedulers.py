@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +106,47 @@ SCHEDULERS: dict[str, Callable[[TuneConfig, dict[str, ParamSpec | Scalar]], Any]
     "median": _median,
     "pbt": _pbt,
 }
+
+
+def _rungs(cfg: TuneConfig) -> frozenset[int]:
+    """ASHA's milestones, as Ray's AsyncHyperBand computes them (grace * rf^(k+s) per bracket s)."""
+    o = cfg.scheduler_options
+    grace, rf, top = min(o.grace_period, cfg.max_iterations), o.reduction_factor, cfg.max_iterations
+    points = set()
+    for s in range(o.brackets):
+        for k in range(max(0, int(math.log(top / grace) / math.log(rf) - s + 1))):
+            points.add(math.ceil(grace * rf ** (k + s) - 1e-9))
+    return frozenset(p for p in points if p <= top)
+
+
+# The iterations at which each scheduler reads a trial's result (None: every one). Trials report
+# only there, at their checkpoints and at the end: each report is a round trip to the driver.
+DECISION_POINTS: dict[str, Callable[[TuneConfig], frozenset[int] | None]] = {
+    "fifo": lambda cfg: frozenset(),
+    "asha": _rungs,
+    "pbt": lambda cfg: frozenset(range(cfg.scheduler_options.perturbation_interval, cfg.max_iterations + 1,
+                                       cfg.scheduler_options.perturbation_interval)),
+    "hyperband": lambda cfg: None,  # its brackets' milestones move as trials are added
+    "median": lambda cfg: None,  # compares running means at every result
+}
+
+# Checkpoint cadence when the config leaves it open and the scheduler has no decision points.
+DEFAULT_CHECKPOINT_EVERY = 10
+
+
+def report_cadence(cfg: TuneConfig) -> tuple[str, int]:
+    """The trainables' ``_report_at`` ("every", or the comma-separated decision points) and
+    ``_checkpoint_every`` for this config (see ``tuning_core.trainables.common.Cadence``).
+
+    A stop threshold needs every result. Without ``checkpoint_every``, a scheduler with decision
+    points checkpoints at them (rung boundaries) and at the end only; FIFO every 10 iterations.
+    """
+    points = None if cfg.stop_metric_threshold is not None else DECISION_POINTS[cfg.scheduler](cfg)
+    every = cfg.checkpoint_every
+    if every is None:
+        every = DEFAULT_CHECKPOINT_EVERY if not points else cfg.max_iterations
+    at = "every" if points is None else ",".join(str(p) for p in sorted(points))
+    return at, every
 
 
 def create_scheduler(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> Any:

@@ -354,11 +354,13 @@ def test_resume_after_sigkill_keeps_finished_trials(ray_local, version, data, tm
     for tid, it in seen.results:
         first_seen.setdefault(tid, it)
     assert set(first_seen) == set(by_id) - finished
+    # FIFO trials report only on their checkpoint cadence: an interrupted trial's first result is
+    # one cadence step after the checkpoint it resumed from, or the first step if it started over
+    # (no checkpoint, or one the killed driver had not yet recorded in the experiment state).
     for tid, it in first_seen.items():
-        if had_checkpoint.get(tid):
-            assert it > 1 and (it - 1) % every == 0, (tid, it)
-        else:
-            assert it == 1, (tid, it)
+        assert it % every == 0, (tid, it)
+        if it > every:
+            assert had_checkpoint.get(tid), (tid, it)
     # The unfinished ones completed in this run, and the progress callback was re-attached.
     assert {e["trial_id"] for e in events} == set(by_id) - finished
     assert events[-1]["done"] == samples and events[-1]["total"] == samples

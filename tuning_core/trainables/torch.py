@@ -231,8 +231,16 @@ def check_config(config: dict[str, Any], where: str = "") -> None:
         raise ConfigError(f"{prefix}: {err}") from None
 
 
-def train_fashion(config: dict[str, Any], train: tuple, valid: tuple) -> None:
-    """Ray Tune function trainable: one report per epoch, checkpoints via ``common.report``.
+def _splits_on(device: torch.device, train: tuple, valid: tuple, data_key: str | None) -> tuple:
+    """Both splits as tensors on ``device``: once per actor and data version when ``data_key`` names it."""
+    def build() -> tuple:
+        return tuple([t.to(device) for t in _tensors(split)] for split in (train, valid))
+
+    return build() if data_key is None else common.per_actor(("torch", data_key, str(device)), build)
+
+
+def train_fashion(config: dict[str, Any], train: tuple, valid: tuple, data_key: str | None = None) -> None:
+    """Ray Tune function trainable: reports and checkpoints per epoch on ``common.Cadence``.
 
     Reports ``mean_accuracy`` and ``loss`` (validation), ``train_loss``, ``epoch``, ``lr``,
     ``restored_epoch`` (epochs in the checkpoint this run started from, 0 for a fresh start) and
@@ -246,6 +254,7 @@ def train_fashion(config: dict[str, Any], train: tuple, valid: tuple) -> None:
             tests _fail_once_marker, _fail_times, _fail_after_checkpoint, see ``common.maybe_fail_once``).
         train: (images N×1×H×W float32, labels int64).
         valid: same shape as ``train``.
+        data_key: the data version; the actor then keeps the splits' tensors from one trial to the next.
     """
     # Fault injection (tests): at start by default, or after a checkpoint so the retry resumes from it.
     fail_after_checkpoint = bool(config.get("_fail_after_checkpoint"))
@@ -253,12 +262,12 @@ def train_fashion(config: dict[str, Any], train: tuple, valid: tuple) -> None:
         common.maybe_fail_once(config)
     params = _with_defaults(config)
     max_epochs = int(config.get("_max_iterations", 10))
-    every = int(config.get("_checkpoint_every", 1))
+    cadence = common.Cadence.of(config, default_every=1)
     seed = int(params.get("seed", 0))
     device = _setup_threads_and_device(_trial_resources())
     # Each split goes to the trial's device once (60k images are ~190 MB): batches are then gathered
     # on the GPU, not copied host→device every step. On the CPU ``.to`` returns the same tensors.
-    (x_train, y_train), (x_valid, y_valid) = ([t.to(device) for t in _tensors(split)] for split in (train, valid))
+    (x_train, y_train), (x_valid, y_valid) = _splits_on(device, train, valid, data_key)
     trial_id = _trial_id()
 
     torch.manual_seed(seed)
@@ -299,8 +308,8 @@ def train_fashion(config: dict[str, Any], train: tuple, valid: tuple) -> None:
         def save(folder: Path, epoch: int = epoch) -> None:
             _save(folder, model, optimizer, epoch, spec, trial_id)
 
-        common.report(metrics, iteration=epoch, last_iteration=max_epochs, checkpoint_every=every, save=save)
-        if fail_after_checkpoint and epoch % every == 0 and epoch < max_epochs:
+        saved = common.report(metrics, iteration=epoch, cadence=cadence, save=save)
+        if fail_after_checkpoint and saved and epoch < max_epochs:
             common.maybe_fail_once(config)
 
 

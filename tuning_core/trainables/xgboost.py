@@ -1,7 +1,8 @@
-"""XGBoost trainable for Ray Tune: per-round metrics, periodic checkpoints, resume from checkpoint.
+"""XGBoost trainable for Ray Tune: per-round metrics, checkpoints, resume from checkpoint.
 
 Data arrives through Ray's object store (``tune.with_parameters``), never a closure, and the
-DMatrix objects are built once per trial.
+DMatrix objects are built once per actor and data version (``common.per_actor``); results and
+checkpoints follow the scheduler's cadence (``common.Cadence``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from tuning_core.errors import ConfigError
-from tuning_core.trainables.common import maybe_fail_once, model_params, report, restored_state
+from tuning_core.trainables.common import Cadence, maybe_fail_once, model_params, per_actor, report, restored_state
 
 log = logging.getLogger(__name__)
 
@@ -152,55 +153,78 @@ def trial_resources() -> tuple[int, bool]:
     return max(1, int(granted.get("CPU", 1))), granted.get("GPU", 0) > 0
 
 
-def _callback(last_round: int, checkpoint_every: int, config: dict[str, Any]):
+def _callback(cadence: Cadence, config: dict[str, Any]):
     import xgboost as xgb
 
     class TuneReport(xgb.callback.TrainingCallback):
-        """Report the validation metrics after every boosting round; checkpoint on cadence."""
+        """Report the validation metrics on the trial's cadence, with every round's values since
+        the previous report (``curve``), so the trial's history keeps each round."""
+
+        def __init__(self) -> None:
+            self.reported = 0  # entries of evals_log (rounds of this run) covered by earlier reports
 
         def after_iteration(self, model, epoch, evals_log) -> bool:
-            metrics = {name: float(values[-1]) for name, values in evals_log["valid"].items()}
             rounds = model.num_boosted_rounds()
+            if not cadence.reports(rounds):
+                return False
+            log_ = evals_log["valid"]
+            seen = len(next(iter(log_.values())))
+            metrics: dict[str, Any] = {name: float(values[-1]) for name, values in log_.items()}
+            metrics["curve"] = {name: [float(v) for v in values[self.reported:seen]] for name, values in log_.items()}
+            self.reported = seen
 
             def save(folder: Path) -> None:
                 model.save_model(str(folder / MODEL_FILE))
 
-            report(metrics, rounds, last_round, checkpoint_every, save)
-            if config.get("_fail_after_checkpoint") and rounds % checkpoint_every == 0 and rounds < last_round:
+            saved = report(metrics, rounds, cadence, save)
+            if config.get("_fail_after_checkpoint") and saved and rounds < cadence.last:
                 maybe_fail_once(config)  # fault injection: the retry resumes from this checkpoint
             return False
 
     return TuneReport()
 
 
-def train_xgboost(config: dict[str, Any], train: pd.DataFrame, valid: pd.DataFrame) -> None:
-    """Ray Tune function trainable: boost up to ``_max_iterations`` rounds, reporting each round.
+def _matrices(train: pd.DataFrame, valid: pd.DataFrame, params: dict[str, Any], data_key: str | None):
+    """(dtrain, dvalid) for this trial: built once per actor and data set when ``data_key`` names it."""
+    import xgboost as xgb
+
+    def build():
+        x_train, y_train = split_xy(train)
+        x_valid, y_valid = split_xy(valid)
+        dtrain = quantile_matrix(x_train, y_train, params)
+        return dtrain, xgb.DMatrix(x_valid, label=y_valid, enable_categorical=True)
+
+    if data_key is None:
+        return build()
+    return per_actor(("xgboost", data_key, params.get("max_bin")), build)
+
+
+def train_xgboost(config: dict[str, Any], train: pd.DataFrame, valid: pd.DataFrame,
+                  data_key: str | None = None) -> None:
+    """Ray Tune function trainable: boost up to ``_max_iterations`` rounds, reporting on ``Cadence``.
 
     On retry, restore or a PBT exploit, boosting continues from the checkpointed booster
-    instead of starting over.
+    instead of starting over. ``data_key`` (the data version) lets the actor keep its training
+    matrices from one trial to the next.
     """
     import xgboost as xgb
 
     if not config.get("_fail_after_checkpoint"):
         maybe_fail_once(config)
-    last_round = int(config.get("_max_iterations", 100))
-    every = int(config.get("_checkpoint_every", 10))
+    cadence = Cadence.of(config)
     cpus, gpu = trial_resources()
     params = xgb_params(config, cpus, gpu=gpu)
-    x_train, y_train = split_xy(train)
-    x_valid, y_valid = split_xy(valid)
-    dtrain = quantile_matrix(x_train, y_train, params)
-    dvalid = xgb.DMatrix(x_valid, label=y_valid, enable_categorical=True)
+    dtrain, dvalid = _matrices(train, valid, params, data_key)
     booster = None
     with restored_state() as folder:
         if folder is not None:
             booster = xgb.Booster(model_file=str(folder / MODEL_FILE))
     done = booster.num_boosted_rounds() if booster is not None else 0
-    if done >= last_round:
+    if done >= cadence.last:
         return
-    xgb.train(params, dtrain, num_boost_round=last_round - done,
+    xgb.train(params, dtrain, num_boost_round=cadence.last - done,
               evals=[(dvalid, "valid")], xgb_model=booster, verbose_eval=False,
-              callbacks=[_callback(last_round, every, config)])
+              callbacks=[_callback(cadence, config)])
 
 
 def fit_booster(config: dict[str, Any], train: pd.DataFrame, rounds: int, nthread: int = 2):
