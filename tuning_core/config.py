@@ -95,7 +95,9 @@ class TuneConfig(_Frozen):
     time_budget_s: float | None = Field(None, gt=0)
     max_concurrent_trials: int | None = Field(None, ge=1, description="None: as many as the CPUs allow")
     stop_metric_threshold: float | None = Field(None, description="stop a trial once metric reaches this value")
-    checkpoint_every: int = Field(10, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1, description="checkpoint every N iterations; None: at the "
+                                         "scheduler's decision points (ASHA rungs, PBT interval) and at the end, "
+                                         "FIFO every 10")
     max_failures: int = Field(2, ge=0)
     resources: Resources = Resources()
     seed: int = 0
