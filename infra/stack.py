@@ -628,7 +628,10 @@ class _Stack:
         argv = [find_binary("prefect"), "server", "start", "--host", HOST, "--port", str(port), "--analytics-off"]
         url = f"http://{HOST}:{port}/api"
         check = lambda: _http_ok(f"{url}/health")  # noqa: E731
-        return _Launch(argv=argv, env=self._prefect_env(), cwd=self.dir / "prefect", url=url,
+        # The UI asks /ui-settings where the API is; without this it answers 127.0.0.1:4200 (the
+        # default port, not --port) and the page shows "Oops. Something went wrong."
+        env = {**self._prefect_env(), "PREFECT_SERVER_UI_API_URL": url}
+        return _Launch(argv=argv, env=env, cwd=self.dir / "prefect", url=url,
                        probe=check, ready=check)
 
     def _launch_worker(self) -> _Launch:

@@ -23,6 +23,7 @@ import pytest
 from pydantic import SecretStr
 
 from infra import stack
+from infra.ui_screenshots import Browser, find_chromium
 from tests.conftest import free_port, process_tree, still_alive
 from tuning_core.errors import ConfigError, StorageError, TunepipeError
 
@@ -159,6 +160,26 @@ def test_up_reports_every_service_healthy_on_the_chosen_ports(stack_dir, fixed_m
     assert env["PREFECT_API_URL"] == status.service("prefect").url
     assert env["TUNEPIPE_STORAGE"] == "s3://tunepipe/root"
     assert "RAY_ADDRESS" not in env  # no head was asked for
+
+
+def test_prefect_ui_is_told_the_stacks_own_api_url(stack_dir):
+    import urllib.request
+
+    api = stack.env(stack_dir)["PREFECT_API_URL"]
+    with urllib.request.urlopen(api.removesuffix("/api") + "/ui-settings", timeout=10) as r:
+        settings = json.load(r)
+    # Prefect's default would be http://127.0.0.1:4200/api: the UI's "Oops. Something went wrong."
+    assert settings["api_url"] == api
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="needs Chromium on PATH (apt-get install chromium)")
+def test_prefect_ui_shows_the_stacks_work_pool_in_a_browser(stack_dir):
+    api = stack.env(stack_dir)["PREFECT_API_URL"]
+    with Browser() as browser:
+        # The pool's name comes from the API: the page shows it only if the UI reached the stack's API.
+        text = browser.open(api.removesuffix("/api") + "/work-pools", until=stack.WORK_POOL, timeout_s=60)
+    assert "Oops" not in text and "Unable to connect" not in text
+    assert stack.WORK_POOL in text, text[:300]
 
 
 def test_second_up_keeps_the_running_processes(stack_dir):
