@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -102,7 +103,7 @@ class RawSchema:
         return ", ".join("/".join(names) for names in self.roles.values())
 
     def feature_columns(self) -> list[str]:
-        """Every column name a role needed for features may have (for a model's signature)."""
+        """Every column name a role needed for features may have (documented in a model's metadata)."""
         return [n for r in self.feature_roles() for n in self.roles[r]]
 
 
@@ -186,18 +187,28 @@ def _days_from_ymd(y: np.ndarray, m: np.ndarray, d: np.ndarray) -> tuple[np.ndar
     return days, {"year": ~ok_y, "month": ~ok_m, "day": ~(ok_d & exists)}
 
 
+# BTS FlightDate: ISO "2019-01-31" or US "1/31/2019", optionally followed by a time ("12:00:00 AM").
+_DATE_PATTERNS = (r"^(?P<y>\d{4})-(?P<m>\d{1,2})-(?P<d>\d{1,2})$", r"^(?P<m>\d{1,2})/(?P<d>\d{1,2})/(?P<y>\d{4})$")
+
+
 def _days_from_flight_date(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Days since epoch from BTS FlightDate: ISO "2019-01-31" or US "1/31/2019 12:00:00 AM"."""
+    """Days since epoch from BTS FlightDate, and its validity.
+
+    The date's parts go through the same check as the other schemas' year/month/day columns: a date
+    that does not exist (30 February) is invalid, where a date parser would roll it into March.
+    """
     if pa.types.is_dictionary(col.type):
         col = col.cast(pa.string())
     date_part = pc.replace_substring_regex(col, r"[ T].*$", "")
-    ts = pc.coalesce(
-        pc.strptime(date_part, format="%Y-%m-%d", unit="s", error_is_null=True),
-        pc.strptime(date_part, format="%m/%d/%Y", unit="s", error_is_null=True),
-    )
-    days = np.asarray(pc.cast(pc.cast(ts, pa.date32()), pa.int32()).to_numpy(zero_copy_only=False), np.float64)
-    valid = np.isfinite(days)
-    return np.where(valid, days, 0).astype(np.int64), valid
+    parts: dict[str, Any] = {}
+    for pattern in _DATE_PATTERNS:
+        found = pc.extract_regex(date_part, pattern)  # null where the pattern does not match
+        for key in "ymd":
+            value = pc.struct_field(found, key)
+            parts[key] = value if key not in parts else pc.coalesce(parts[key], value)
+    y, m, d = (np.asarray(pc.cast(parts[k], pa.float64()).to_numpy(zero_copy_only=False), np.float64) for k in "ymd")
+    days, invalid = _days_from_ymd(y, m, d)
+    return days, ~(invalid["year"] | invalid["month"] | invalid["day"])
 
 
 def _hhmm(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -304,7 +315,7 @@ def to_features(df: pd.DataFrame, categories: dict[str, list[str]]) -> pd.DataFr
         bad = (numeric.isna() & col.notna()).to_numpy(dtype=bool)
         if bad.any():
             row = int(np.argmax(bad))
-            raise FeatureError(f"column {name!r} is not numeric (example value {col.iloc[row]!r} at row {row}); "
+            raise FeatureError(f"column {name!r} is not numeric (example value {_shown(col.iloc[row])} at row {row}); "
                                "expected numbers")
         if dtype.startswith("int") and numeric.isna().any():
             row = int(np.argmax(numeric.isna().to_numpy(dtype=bool)))
@@ -341,8 +352,11 @@ def model_frame(df: pd.DataFrame, categories: dict[str, list[str]]) -> pd.DataFr
         if bad.any():
             row = int(np.argmax(bad))
             name = columns[role]
-            raise FeatureError(f"column {name!r} ({schema.name} schema): {df[name].iloc[row]!r} at row {row} is not "
-                               f"{_EXPECTED[role]}")
+            value = df[name].iloc[row]
+            where = f"column {name!r} ({schema.name} schema)"
+            if pd.isna(value):
+                raise FeatureError(f"{where}: row {row} has no value; expected {_EXPECTED[role]}")
+            raise FeatureError(f"{where}: {_shown(value)} at row {row} is not {_EXPECTED[role]}")
     table = pa.table(canonical_columns(batch, columns, schedule, np.ones(len(df), dtype=bool)))
     return to_features(table.drop(["_day"]).to_pandas().set_axis(df.index), categories)
 
@@ -363,26 +377,12 @@ def _typed_batch(df: pd.DataFrame, columns: dict[str, str]) -> pa.RecordBatch:
             bad = present & numeric.isna().to_numpy(dtype=bool)
             if bad.any():
                 row = int(np.argmax(bad))
-                raise FeatureError(f"column {name!r}: {col.iloc[row]!r} at row {row} is not a number")
+                raise FeatureError(f"column {name!r}: {_shown(col.iloc[row])} at row {row} is not a number")
             arrays.append(pa.array(numeric.to_numpy(dtype=np.float64, na_value=np.nan)))
         names.append(name)
     return pa.RecordBatch.from_arrays(arrays, names=names)
 
 
-def signature_columns() -> list[str]:
-    """Every column a model built on these features can use: the canonical features, then the raw
-    columns of each schema (each name once, in a stable order)."""
-    names = list(FEATURES)
-    for schema in SCHEMAS.values():
-        names += [n for n in schema.feature_columns() if n not in names]
-    return names
-
-
-def string_columns() -> set[str]:
-    """The columns of ``signature_columns`` that hold strings (airline and airport codes, dates)."""
-    out = set(CATEGORICAL)
-    for schema in SCHEMAS.values():
-        out |= {n for r in schema.feature_roles() if r in STRING_ROLES or r == "flight_date"
-                for n in schema.roles[r]}
-    return out
-
+def _shown(value: object) -> str:
+    """A cell for an error message as the consumer wrote it (2460, not np.int64(2460))."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
