@@ -1,9 +1,10 @@
-"""MLflow pyfunc wrappers that registry consumers load with ``mlflow.pyfunc.load_model``.
+"""Legacy: the cloudpickled pyfunc wrapper of flights models registered before models-from-code.
 
-This file is shipped with each logged model (``code_paths``), so it must stay self-contained:
-no imports of tunepipe modules, only xgboost/pandas/numpy. A consumer passes a DataFrame of
-the canonical flight features (strings for carrier/origin/dest are fine) and gets back the
-delay probability and the predicted label.
+New flights models are logged from ``infra/model_code/flight_delay.py`` and need nothing from here.
+Versions logged earlier hold a pickled ``infra.pyfunc_models.FlightDelayModel`` (and a copy of this
+package in their ``code/``); in a process that has already imported our ``infra`` (the pipeline,
+re-evaluating such a version as the champion) unpickling resolves this module, so it stays until no
+such version is in use. Keep it self-contained: only xgboost/pandas/numpy.
 """
 
 from __future__ import annotations

@@ -12,9 +12,11 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +44,22 @@ def default_tracking_uri(storage: Storage) -> str:
     return f"sqlite:///{base / 'mlflow.db'}"
 
 
-def git_commit() -> str:
+@lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of this code's git checkout, or None (an installed package, no git, not a checkout)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parents[1])
-        return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source tag for runs and logged models; empty outside a git checkout."""
+    commit = git_commit()
+    return {"mlflow.source.git.commit": commit} if commit else {}
 
 
 class Tracker:
@@ -109,7 +120,7 @@ class Tracker:
             run_id = found[0].info.run_id
         else:
             run_id = self.client.create_run(exp_id, run_name=run_name, tags={TAG_RUN_KEY: run_key}).info.run_id
-        self.client.log_batch(run_id, tags=_tags({**tags, "git_commit": git_commit()}))
+        self.client.log_batch(run_id, tags=_tags({**tags, **source_tags()}))
         return run_id
 
     def child_run(self, parent_id: str, key_tag: str, key: str, run_name: str) -> tuple[str, bool]:
@@ -121,7 +132,7 @@ class Tracker:
         if found:
             return found[0].info.run_id, True
         run = self.client.create_run(exp_id, run_name=run_name,
-                                     tags={"mlflow.parentRunId": parent_id, key_tag: key})
+                                     tags={"mlflow.parentRunId": parent_id, key_tag: key, **source_tags()})
         return run.info.run_id, False
 
     def log_trials(self, parent_id: str, tuning: TuningResult, mutated: list[str] | None = None) -> int:

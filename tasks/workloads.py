@@ -234,14 +234,11 @@ def retrain(cfg: Pipeline, ctx: Context, version: DataVersion, tuning: TuningRes
             final, model_uri = _retrain_fashion(cfg, ctx, version, tuning, ckpt_dir, run_id)
     params = {**{f"best.{k}": v for k, v in tuning.best_config.items()}, "rounds": final.rounds,
               "source": final.source, "best_trial_id": tuning.best_trial_id}
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Param
 
-    metrics = [Metric(f"test_{k}", float(v), 0, 0) for k, v in final.test_metrics.items()]
-    metrics += [Metric(f"baseline_test_{k}", float(v), 0, 0) for k, v in final.baseline_test_metrics.items()]
-    metrics += [Metric(f"uplift_{k}", float(v), 0, 0) for k, v in final.uplift.items()]
+    # The test metrics went in with the model (_retrain_*), linked to it and to the test split.
     existing = tracker.client.get_run(run_id).data.params
-    tracker.client.log_batch(run_id, metrics=metrics,
-                             params=[Param(k, str(v)) for k, v in params.items() if k not in existing])
+    tracker.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items() if k not in existing])
     board = json.dumps(tuning.leaderboard_rows(), default=str, indent=1).encode()
     tracker.log_files(run_id, {**final.plots, "leaderboard.json": board})
     plots = {}
@@ -278,19 +275,36 @@ def _retrain_flights(cfg: FlightsPipeline, ctx: Context, version: DataVersion, t
                      ckpt_dir: Path | None, run_id: str) -> tuple[Any, str]:
     import pandas as pd
 
+    from tuning_core.data import flight_features
     from tuning_core.retrain import retrain_xgboost
     from tuning_core.trainables.xgboost import LABEL
 
     train, valid, test = (_load(cfg, ctx, version, s) for s in ("train", "valid", "test"))
     final = retrain_xgboost(tuning.best_config, tuning.best_iteration, train, valid, test,
                             retrain=cfg.retrain.retrain, checkpoint_dir=ckpt_dir)
-    features = pd.concat([train, valid], ignore_index=True).drop(columns=[LABEL])
+    full = pd.concat([train, valid], ignore_index=True)
+    features = full.drop(columns=[LABEL])
     categories = {c: [str(x) for x in features[c].cat.categories] for c in features.columns
                   if isinstance(features[c].dtype, pd.CategoricalDtype)}
-    dataset = mlmodels.dataset_input(pd.concat([train, valid], ignore_index=True), version.uri,
-                                     f"flights-{version.version}", version.version)
-    uri = mlmodels.log_flights_model(run_id, final.model, features.head(50), categories, dataset)
+    lineage = mlmodels.Lineage(
+        params=_model_params(tuning, final), metrics=_model_metrics(final),
+        train=mlmodels.dataset_input(full, version.uri, f"flights-{version.version}", version.version),
+        test=mlmodels.dataset_input(test, version.uri, f"flights-{version.version}-test", version.version))
+    # The model ships the data stage's feature module, so that it takes raw rows as training read them.
+    uri = mlmodels.log_flights_model(run_id, final.model, features.head(50), categories, flight_features, lineage)
     return final, uri
+
+
+def _model_params(tuning: TuningResult, final: Any) -> dict[str, Any]:
+    """What the model page shows as parameters: the winning configuration and how it was trained."""
+    return {**tuning.best_config, "rounds": final.rounds, "source": final.source}
+
+
+def _model_metrics(final: Any) -> dict[str, float]:
+    """The retrained model's test metrics, the untuned default's on the same rows, and the uplift."""
+    return {**{f"test_{k}": v for k, v in final.test_metrics.items()},
+            **{f"baseline_test_{k}": v for k, v in final.baseline_test_metrics.items()},
+            **{f"uplift_{k}": v for k, v in final.uplift.items()}}
 
 
 def _retrain_fashion(cfg: FashionPipeline, ctx: Context, version: DataVersion, tuning: TuningResult,
@@ -315,13 +329,19 @@ def _retrain_fashion(cfg: FashionPipeline, ctx: Context, version: DataVersion, t
     plots = {"confusion_matrix.png": confusion_png(cm, [str(i) for i in range(10)], "test confusion matrix")}
     final = FinalModel(model=model, rounds=epochs, test_metrics=tuned_m, baseline_test_metrics=base_m,
                        plots=plots, source=source, extra={"confusion": cm})
-    dataset = mlmodels.dataset_input_numpy(full[0][:1000], full[1][:1000], version.uri,
-                                           f"fashion-mnist-{version.version}", version.version)
+    # The datasets' profiles are computed from what is passed: a sample stands for each split.
+    lineage = mlmodels.Lineage(
+        params=_model_params(tuning, final), metrics=_model_metrics(final),
+        train=mlmodels.dataset_input_numpy(full[0][:1000], full[1][:1000], version.uri,
+                                           f"fashion-mnist-{version.version}", version.version),
+        test=mlmodels.dataset_input_numpy(test[0][:1000], test[1][:1000], version.uri,
+                                          f"fashion-mnist-{version.version}-test", version.version))
     norm = version.manifest["normalisation"]
-    preprocessing = {"input": "float32 images shaped N x 1 x H x W", "formula": "(pixels / 255 - mean) / std",
+    preprocessing = {"input": "raw integer pixels 0-255 (normalised by the model) or normalised float32 images",
+                     "formula": "(pixels / 255 - mean) / std",
                      "mean": norm["mean"], "std": norm["std"], "pixels": "uint8 0-255, as in the IDX files",
                      "data_version": version.version}
-    uri = mlmodels.log_torch_model(run_id, model, test[0][:5], dataset, preprocessing)
+    uri = mlmodels.log_image_model(run_id, model, test[0][:5], preprocessing, lineage)
     return final, uri
 
 
@@ -329,8 +349,8 @@ def _retrain_fashion(cfg: FashionPipeline, ctx: Context, version: DataVersion, t
 def plain_features(df: Any) -> Any:
     """Canonical features as a registry consumer sends them: strings and 64-bit numbers.
 
-    The logged model's signature is declared on such plain frames (see infra.models), and MLflow's
-    schema enforcement refuses pandas 'category' columns, so our own callers convert too.
+    The model takes the training dtypes too, but scoring what consumers send keeps the champion's
+    re-evaluation on the path every consumer takes (see infra.models).
     """
     import pandas as pd
 

@@ -112,14 +112,15 @@ def s3_tracker(s3_settings, moto_server, mlflow_db_template, tmp_path, monkeypat
 
 
 # ----------------------------------------------------------------------------- helpers
-def log_model(tracker, sample: FlightsSample, booster, key: str) -> tuple[str, str]:
+def log_model(tracker, sample: FlightsSample, booster, key: str, lineage=None) -> tuple[str, str]:
     """A retrain-style child run holding a logged flights model: (run_id, model_uri)."""
     from infra.models import log_flights_model
     from infra.tracking import TAG_STAGE
+    from tuning_core.data import flight_features
 
     parent = tracker.parent_run(EXPERIMENT, "run-key", {"data_version": sample.version}, run_name="parent")
     run_id, _ = tracker.child_run(parent, TAG_STAGE, key, key)
-    uri = log_flights_model(run_id, booster, sample.features.head(50), sample.categories)
+    uri = log_flights_model(run_id, booster, sample.features.head(50), sample.categories, flight_features, lineage)
     tracker.finish(run_id)
     return run_id, uri
 
@@ -192,6 +193,7 @@ def test_champion_scores_unseen_airports_and_the_training_dtypes(tracker, sample
 
 def test_champion_takes_distance_and_flight_number_as_integers_and_names_a_non_number(tracker, sample, boosters):
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     run_id, uri = log_model(tracker, sample, boosters["strong"], "retrain")
     model = mlflow.pyfunc.load_model(uri)
@@ -202,8 +204,143 @@ def test_champion_takes_distance_and_flight_number_as_integers_and_names_a_non_n
     np.testing.assert_allclose(model.predict(ints)["delay_probability"], model.predict(frame)["delay_probability"])
     bad = frame.head(2).astype({"distance": object})
     bad.loc[bad.index[0], "distance"] = "far"
-    with pytest.raises(Exception, match=r"input column 'distance': 'far' is not a number"):
+    with pytest.raises(MlflowException, match=r"column 'distance' is not numeric \(example value 'far' at row 0\)"):
         model.predict(bad)
+
+
+# ----------------------------------------------------------------------------- raw records, what a model ships
+def test_champion_predicts_raw_rows_of_each_schema_with_the_data_stages_features(tracker, sample, boosters, tmp_path):
+    import mlflow
+    import xgboost as xgb
+
+    from tests.raw_flights import as_bts, as_nycflights13, asa_rows, canonical_features
+
+    run_id, uri = log_model(tracker, sample, boosters["strong"], "retrain")
+    version = tracker.register("flights-delay", run_id, uri, {})
+    tracker.gate("flights-delay", version, 0.7, "auc", "max", 0.0, score(sample))
+    model = mlflow.pyfunc.load_model("models:/flights-delay@champion")
+    asa = asa_rows(40)
+    # The features the data stage builds from the same flights in a CSV file, scored by the booster itself.
+    expected = boosters["strong"].predict(xgb.DMatrix(canonical_features(asa, sample.categories, tmp_path),
+                                                      enable_categorical=True))
+    bts = as_bts(asa)
+    us_dates = bts.assign(FlightDate=[f"{m}/{d}/{y} 12:00:00 AM" for y, m, d in
+                                      zip(asa["Year"], asa["Month"], asa["DayofMonth"], strict=True)])
+    layouts = {"asa": asa, "asa as text": asa.astype(str), "bts": bts, "bts US dates": us_dates,
+               "nycflights13": as_nycflights13(asa)}
+    for name, rows in layouts.items():
+        out = model.predict(rows)
+        assert len(out) == len(asa), name
+        np.testing.assert_allclose(out["delay_probability"].to_numpy(), expected, rtol=1e-6, err_msg=name)
+
+
+def test_a_raw_row_the_model_cannot_read_is_refused_naming_the_column(tracker, sample, boosters):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tests.raw_flights import as_bts, as_nycflights13, asa_rows
+
+    _, uri = log_model(tracker, sample, boosters["weak"], "retrain")
+    model = mlflow.pyfunc.load_model(uri)
+    asa = asa_rows(3)
+
+    def with_value(rows, column, value):
+        rows = rows.astype({column: object})
+        rows.loc[1, column] = value
+        return rows
+
+    cases = [
+        (with_value(asa, "CRSDepTime", 2460),
+         r"column 'CRSDepTime' \(asa schema\): 2460 at row 1 is not a scheduled time"),
+        (with_value(asa, "Distance", "far"), r"column 'Distance': 'far' at row 1 is not a number"),
+        (with_value(as_bts(asa), "FlightDate", "2008-02-30"),
+         r"column 'FlightDate' \(bts schema\): '2008-02-30' at row 1 is not a date"),
+        (with_value(as_nycflights13(asa), "month", 13),
+         r"column 'month' \(nycflights13 schema\): 13 at row 1 is not a month"),
+        (with_value(as_nycflights13(asa), "day", None),
+         r"column 'day' \(nycflights13 schema\): row 1 has no value; expected a day"),
+        (asa.drop(columns=["CRSArrTime"]), r"neither the canonical features .* nor raw flights of a known schema"),
+    ]
+    for rows, message in cases:
+        with pytest.raises(MlflowException, match=message) as err:
+            model.predict(rows)
+        assert err.value.error_code == "INVALID_PARAMETER_VALUE"  # MLflow's scoring server answers 400
+
+
+def test_logged_model_ships_only_its_model_code_pins_versions_and_logs_and_loads_quietly(tracker, sample, boosters,
+                                                                                           recwarn, caplog):
+    import importlib.metadata
+    import logging
+    import sys
+
+    import mlflow
+    from mlflow.artifacts import download_artifacts
+
+    from tuning_core.data import flight_features
+
+    mlflow_logger = logging.getLogger("mlflow")  # MLflow's loggers do not propagate to the root
+    mlflow_logger.addHandler(caplog.handler)
+    try:
+        path_before = list(sys.path)
+        _, uri = log_model(tracker, sample, boosters["weak"], "retrain")
+        model = mlflow.pyfunc.load_model(uri)
+        model.predict(sample.consumer_frame().head(3))
+    finally:
+        mlflow_logger.removeHandler(caplog.handler)
+
+    assert sys.path == path_before  # nothing of ours went onto a consumer's import path
+    assert not [m for m in sys.modules if m.startswith("tunepipe_flight_features") and "." in m]
+    local = Path(download_artifacts(uri))
+    files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    assert [f for f in files if f.endswith(".py")] == ["artifacts/flight_features.py", "flight_delay.py"], files
+    assert not [f for f in files if f.startswith("code/") or f.endswith(".pkl")], files
+    assert (local / "artifacts" / "flight_features.py").read_bytes() == Path(flight_features.__file__).read_bytes()
+    assert (local / "requirements.txt").read_text().split() == [
+        f"{d}=={importlib.metadata.version(d)}" for d in ("mlflow", "xgboost", "pandas", "numpy", "pyarrow")]
+    said = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert said == []
+
+
+def test_model_page_shows_test_metrics_on_the_test_dataset_parameters_and_the_commit(tracker, sample, boosters):
+    import subprocess
+
+    from infra.models import Lineage, dataset_input
+
+    v = sample.version
+    lineage = Lineage(params={"max_depth": 4, "eta": 0.2}, metrics={"test_auc": 0.71, "uplift_auc": 0.02},
+                      train=dataset_input(sample.train, "/data/flights", f"flights-{v}", v),
+                      test=dataset_input(sample.test, "/data/flights", f"flights-{v}-test", v))
+    run_id, uri = log_model(tracker, sample, boosters["strong"], "retrain", lineage)
+
+    logged = tracker.client.get_logged_model(uri.removeprefix("models:/"))
+    assert {m.key: (m.value, m.dataset_name, m.dataset_digest, m.run_id) for m in logged.metrics} == {
+        "test_auc": (0.71, f"flights-{v}-test", v, run_id), "uplift_auc": (0.02, f"flights-{v}-test", v, run_id)}
+    assert logged.params == {"max_depth": "4", "eta": "0.2"}
+    run = tracker.client.get_run(run_id)
+    assert run.data.metrics == {"test_auc": 0.71, "uplift_auc": 0.02}  # the run shows them too, once
+    assert {d.dataset.name: {t.key: t.value for t in d.tags}["mlflow.data.context"]
+            for d in run.inputs.dataset_inputs} == {f"flights-{v}": "training", f"flights-{v}-test": "test"}
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    commit = head.stdout.strip() if head.returncode == 0 else None
+    for tags in (logged.tags, run.data.tags, tracker.client.get_run(run.data.tags["mlflow.parentRunId"]).data.tags):
+        assert tags.get("mlflow.source.git.commit") == commit
+
+
+def test_runs_outside_a_git_checkout_or_without_git_carry_no_commit_tag(tracker, monkeypatch, tmp_path):
+    from infra import tracking
+
+    for name, value in (("GIT_DIR", str(tmp_path / "not-a-repository")), ("PATH", str(tmp_path))):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            tracking.git_commit.cache_clear()
+            try:
+                parent = tracker.parent_run(EXPERIMENT, f"no-git-{name}", {}, run_name="p")
+                child, _ = tracker.child_run(parent, "tunepipe.stage", "retrain", "retrain")
+            finally:
+                tracking.git_commit.cache_clear()
+        for run_id in (parent, child):
+            assert "mlflow.source.git.commit" not in tracker.client.get_run(run_id).data.tags, name
 
 
 # ----------------------------------------------------------------------------- champion / challenger
