@@ -104,13 +104,44 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        location = None
+        return self.client.create_experiment(name, artifact_location=self.artifact_location(name))
+
+    def artifact_location(self, name: str) -> str | None:
+        """Where a new experiment's artifacts go; None: the tracking server's default.
+
+        A tracking server that serves artifacts (``mlflow server --serve-artifacts``, the local
+        stack) proxies them to its own store, so its default (``mlflow-artifacts:/...``) is what
+        every registry consumer can read with nothing but the tracking URI. Only without one (a
+        SQLite/file store, or a server that does not serve artifacts) are artifacts written straight
+        to the storage root, which readers then need access to.
+        """
+        if self.uri.startswith(("http://", "https://")):
+            if self._serves_artifacts() or not self.storage.is_s3:
+                return None
+            return f"{self.storage.uri}/mlflow/{name}"
         if self.storage.is_s3:
-            location = f"{self.storage.uri}/mlflow/{name}"  # uploaded directly to our bucket
-        elif not self.uri.startswith("http"):
-            location = Path(self.storage.root, "mlflow", name).resolve().as_uri()
-        # else: an HTTP tracking server decides (e.g. proxied --artifacts-destination s3://...)
-        return self.client.create_experiment(name, artifact_location=location)
+            return f"{self.storage.uri}/mlflow/{name}"  # uploaded directly to our bucket
+        return Path(self.storage.root, "mlflow", name).resolve().as_uri()
+
+    def _serves_artifacts(self) -> bool:
+        """Whether the tracking server proxies artifacts: its artifact listing answers 503 when it runs
+        with ``--no-serve-artifacts``."""
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
+
+        try:
+            resp = http_request(get_default_host_creds(self.uri), "/api/2.0/mlflow-artifacts/artifacts", "GET",
+                                max_retries=0, timeout=30, raise_on_status=False,
+                                params={"path": "tunepipe-probe"})
+        except Exception as err:  # noqa: BLE001 - requests/urllib3 raise many types for an unreachable server
+            raise ServiceUnavailable(f"MLflow tracking URI {redact(self.uri)}: unreachable ({_first_line(err)})") \
+                from None
+        if resp.status_code == 200:
+            return True
+        if resp.status_code in (404, 503):
+            return False
+        raise ServiceUnavailable(f"MLflow tracking URI {redact(self.uri)}: artifact listing answered "
+                                 f"{resp.status_code}; cannot tell whether it serves artifacts")
 
     def parent_run(self, experiment: str, run_key: str, tags: dict[str, str], run_name: str) -> str:
         """The pipeline's parent run: found by its key (a re-run reuses it) or created."""

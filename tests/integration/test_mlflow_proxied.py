@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -73,12 +74,14 @@ def _alive(pids: list[int]) -> list[int]:
     return alive
 
 
-@pytest.fixture
-def mlflow_server(seaweed_s3, tmp_path):
+@pytest.fixture(scope="module")
+def mlflow_server(seaweed_s3, tmp_path_factory):
     """``mlflow server`` on a free loopback port, artifacts proxied to a fresh prefix of the SeaweedFS bucket.
 
-    Stopped (its whole process group) at the end; the test fails if any of its processes is left.
+    One for this module (each test uses its own experiment and model names). Stopped (its whole
+    process group) at the end; the module's last test fails if any of its processes is left.
     """
+    tmp_path = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     prefix = f"mlflow-proxied-{uuid.uuid4().hex[:8]}"
@@ -160,6 +163,7 @@ def test_model_logged_through_the_server_lands_in_s3_and_loads_by_alias(mlflow_s
     from infra.models import log_flights_model
     from infra.storage import boto3_client, build_storage
     from infra.tracking import TAG_STAGE, Tracker
+    from tuning_core.data import flight_features
     from tuning_core.data.flights import CATEGORICAL
     from tuning_core.trainables.xgboost import LABEL, fit_booster
 
@@ -174,7 +178,7 @@ def test_model_logged_through_the_server_lands_in_s3_and_loads_by_alias(mlflow_s
     tracker.check()
     parent = tracker.parent_run("tunepipe-proxied", "proxied-key", {"workload": "flights"}, run_name="proxied")
     run_id, _ = tracker.child_run(parent, TAG_STAGE, "retrain", "retrain")
-    model_uri = log_flights_model(run_id, booster, features.head(50), categories)
+    model_uri = log_flights_model(run_id, booster, features.head(50), categories, flight_features)
     tracker.log_files(run_id, {"roc_curve.png": b"\x89PNG\r\n\x1a\nplot"})
     tracker.finish(run_id)
     version = tracker.register("flights-proxied", run_id, model_uri, {"data": "asa"})
@@ -206,3 +210,202 @@ def test_model_logged_through_the_server_lands_in_s3_and_loads_by_alias(mlflow_s
 
     np.testing.assert_allclose(proba, booster.predict(xgb.DMatrix(x, enable_categorical=True)), rtol=1e-5)
 
+
+
+# ----------------------------------------------------------------------------- registry consumers
+# What a consumer's Python holds of ours: nothing. Importing any of our packages fails, so a model that
+# needed them (code_paths, a pickled class) could not load or predict.
+_NO_TUNEPIPE = '''
+import sys
+
+
+class _NoTunepipe:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {"infra", "tuning_core", "tasks", "flows"}:
+            raise ModuleNotFoundError(f"a registry consumer has no module {name!r}")
+        return None
+
+
+sys.meta_path.insert(0, _NoTunepipe())
+'''
+
+_LOAD_AND_PREDICT = _NO_TUNEPIPE + '''
+import json
+
+import mlflow
+import pandas as pd
+
+path_before = list(sys.path)
+model = mlflow.pyfunc.load_model(sys.argv[1])
+with open(sys.argv[2]) as f:
+    layouts = json.load(f)
+out = {name: model.predict(pd.DataFrame(rows))["delay_probability"].tolist() for name, rows in layouts.items()}
+print(json.dumps({"predictions": out, "sys_path_unchanged": sys.path == path_before}))
+'''
+
+
+@dataclass(frozen=True)
+class Champion:
+    """A flights champion registered through the proxying server, and what it must answer."""
+
+    url: str
+    name: str
+    experiment: str
+    layouts: dict[str, list[dict]]  # the same raw flights in each schema, as JSON records
+    expected: np.ndarray  # the booster's probabilities for them, on the data stage's features
+    asa: pd.DataFrame
+
+
+def _records(df: pd.DataFrame) -> list[dict]:
+    import json
+
+    return json.loads(df.to_json(orient="records"))  # what a JSON client sends: NaN as null
+
+
+@pytest.fixture(scope="module")
+def stack_champion(mlflow_server, seaweed_s3, tmp_path_factory) -> Champion:
+    """A champion registered the way the pipeline does it on the stack: the storage root is in the S3
+    bucket and the pipeline holds the stack's keys, MLflow is the server that proxies artifacts."""
+    import mlflow
+    import xgboost as xgb
+
+    from infra.models import log_flights_model
+    from infra.settings import Settings, get_settings
+    from infra.storage import build_storage
+    from infra.tracking import TAG_STAGE, Tracker
+    from tests.raw_flights import as_bts, as_nycflights13, asa_rows, canonical_features
+    from tuning_core.data import flight_features
+    from tuning_core.data.flights import CATEGORICAL
+    from tuning_core.trainables.xgboost import LABEL, fit_booster
+
+    tmp = tmp_path_factory.mktemp("stack-champion")
+    name, experiment = "flights-stack-consumer", "tunepipe-stack-consumer"
+    with pytest.MonkeyPatch.context() as mp:  # undone before the tests: they are consumers, not the pipeline
+        for key, value in seaweed_s3.env.items():
+            mp.setenv(key, value)
+        mp.setenv("TUNEPIPE_STORAGE", f"s3://{seaweed_s3.bucket}/champion-{uuid.uuid4().hex[:8]}")
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+        mp.setenv("MLFLOW_S3_ENDPOINT_URL", seaweed_s3.endpoint)  # the Tracker sets it; recorded to be undone
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        get_settings.cache_clear()
+        try:
+            settings = Settings()
+            tracker = Tracker(settings, build_storage(settings))
+            assert tracker.storage.is_s3 and tracker.uri == mlflow_server.url
+            train, _ = _flights(tmp)
+            booster = fit_booster({"max_depth": 3, "eta": 0.3}, train, 10, nthread=1)
+            features = train.drop(columns=[LABEL])
+            categories = {c: [str(v) for v in features[c].cat.categories] for c in CATEGORICAL}
+            parent = tracker.parent_run(experiment, "stack-key", {"workload": "flights"}, run_name="stack")
+            run_id, _ = tracker.child_run(parent, TAG_STAGE, "retrain", "retrain")
+            model_uri = log_flights_model(run_id, booster, features.head(50), categories, flight_features)
+            tracker.finish(run_id)
+            version = tracker.register(name, run_id, model_uri, {})
+            assert tracker.gate(name, version, 0.7, "auc", "max", 0.0, lambda uri: 0.0).promoted
+            location = tracker.client.get_experiment_by_name(experiment).artifact_location
+        finally:
+            mlflow.set_tracking_uri(None)
+            mlflow.set_registry_uri(None)
+            get_settings.cache_clear()
+    # With an s3:// storage root the experiment is still the server's: consumers need no S3 keys.
+    assert location.startswith("mlflow-artifacts:"), location
+    asa = asa_rows(30)
+    expected = booster.predict(xgb.DMatrix(canonical_features(asa, categories, tmp), enable_categorical=True))
+    layouts = {"asa": _records(asa), "bts": _records(as_bts(asa)), "nycflights13": _records(as_nycflights13(asa))}
+    return Champion(url=mlflow_server.url, name=name, experiment=experiment, layouts=layouts, expected=expected,
+                    asa=asa)
+
+
+def test_consumer_with_only_the_tracking_uri_loads_the_champion_and_predicts_raw_rows(stack_champion, tmp_path):
+    import json
+
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps(stack_champion.layouts))
+    env = {"MLFLOW_TRACKING_URI": stack_champion.url}  # no AWS_*, no PATH, no PYTHONPATH: nothing else
+    done = subprocess.run([sys.executable, "-c", _LOAD_AND_PREDICT, f"models:/{stack_champion.name}@champion",
+                           str(rows)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["sys_path_unchanged"]
+    assert sorted(result["predictions"]) == ["asa", "bts", "nycflights13"]
+    for layout, proba in result["predictions"].items():
+        np.testing.assert_allclose(proba, stack_champion.expected, rtol=1e-6, err_msg=layout)
+    # Loading and predicting say nothing a consumer would have to act on.
+    assert not [line for line in done.stderr.splitlines() if "Warning" in line or "WARNING" in line], done.stderr
+
+
+def _post(url: str, payload: dict) -> tuple[int, dict]:
+    import json
+
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_served_champion_answers_raw_rows_of_each_schema_and_400_naming_a_bad_column(stack_champion, tmp_path):
+    """``mlflow models serve`` from the registry, as a consumer runs it: only the tracking URI, and a
+    Python in which none of our packages can be imported (sitecustomize blocks them in every process)."""
+    from tests.conftest import process_tree, still_alive
+
+    blocker = tmp_path / "no-tunepipe"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(_NO_TUNEPIPE)
+    port = free_port()
+    env = {"MLFLOW_TRACKING_URI": stack_champion.url, "PYTHONPATH": str(blocker),
+           "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}  # bash and uvicorn
+    argv = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+            f"models:/{stack_champion.name}@champion", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    procs = []
+    try:
+        deadline = time.monotonic() + 180
+        while not _healthy_ping(url):
+            assert proc.poll() is None, f"mlflow models serve exited:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"not serving after 180 s:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.5)
+        procs = process_tree([proc.pid])
+        for layout, records in stack_champion.layouts.items():
+            status, body = _post(f"{url}/invocations", {"dataframe_records": records})
+            assert status == 200, (layout, body)
+            proba = [p["delay_probability"] for p in body["predictions"]]
+            np.testing.assert_allclose(proba, stack_champion.expected, rtol=1e-5, err_msg=layout)
+        bad = stack_champion.asa.head(3).astype({"CRSDepTime": object})
+        bad.loc[1, "CRSDepTime"] = "25:61"
+        status, body = _post(f"{url}/invocations", {"dataframe_records": _records(bad)})
+        assert status == 400, body
+        assert "column 'CRSDepTime': '25:61' at row 1 is not a number" in body["message"], body["message"][-500:]
+    finally:
+        procs = procs or process_tree([proc.pid])
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while still_alive(procs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = still_alive(procs)
+        for p in left:
+            p.kill()
+    assert not left, f"mlflow models serve processes left after stop: {left}"
+
+
+def _healthy_ping(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{url}/ping", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
