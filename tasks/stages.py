@@ -23,6 +23,7 @@ from prefect.artifacts import (
 )
 from prefect.tasks import exponential_backoff
 
+from infra import lease
 from infra.settings import get_settings
 from tasks import workloads as wl
 from tuning_core.config import config_hash
@@ -153,6 +154,16 @@ def report(cfg: wl.Pipeline, version: DataVersion, tuning: TuningResult, retrain
     create_markdown_artifact(key=f"{cfg.workload}-report", markdown=wl.report_markdown(summary),
                              description="tunepipe run report")
     return summary
+
+
+def experiment_lease(cfg: wl.Pipeline, version: DataVersion) -> lease.ExperimentLease:
+    """The exclusive lease on this run's experiment (``infra.lease``), for a ``with`` block around the
+    stages that write into it: its name is deterministic, so a second run of the same config would
+    otherwise write into the same Ray experiment, MLflow runs and registry."""
+    from prefect.runtime import flow_run
+
+    ctx = _ctx()
+    return lease.experiment_lease(ctx.storage, ctx.settings, wl.experiment_for(cfg, version), flow_run_id=flow_run.id)
 
 
 @task(name="champion_config", tags=["tunepipe", "registry"], retries=2, retry_delay_seconds=5, **COMMON)

@@ -73,6 +73,9 @@ def test_deploy_all_and_run_a_triggered_deployment(prefect_server, tmp_path):
         assert {"flights-nightly", "fashion-mnist-manual", "batch-score"} <= names
         nightly = client.read_deployment_by_name("flights-tuning/flights-nightly")
         assert nightly.schedules and nightly.schedules[0].schedule.cron == "0 2 * * *"
+        for deployment in client.read_deployments():  # one run at a time, the next one queued
+            assert deployment.global_concurrency_limit.limit == 1, deployment.name
+            assert deployment.concurrency_options.collision_strategy == "ENQUEUE", deployment.name
         # Trigger with parameters, as the UI's "Custom run" form does.
         params = {"cfg": {"data": {"source": str(ASA_SAMPLE), "max_rows": 3000, "split": "random"},
                           "tune": {"num_samples": 2, "max_iterations": 5, "search": "random", "scheduler": "fifo"},
