@@ -8,7 +8,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import sys
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 from infra.settings import Settings
 from infra.storage import Storage
@@ -67,6 +71,83 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def _local_init_args(settings: Settings, num_cpus: int | None = None) -> dict[str, Any]:
+    """``ray.init`` arguments of the embedded default's local Ray.
+
+    ``address="local"`` always starts a Ray of our own: a plain ``ray.init()`` would try to join
+    whatever cluster ``/tmp/ray/ray_current_cluster`` names, and a file left there by a dead
+    cluster made it fail ("When connecting to an existing cluster, num_cpus and num_gpus must
+    not be provided").
+    """
+    return dict(address="local", num_cpus=num_cpus or settings.ray_num_cpus or os.cpu_count(),
+                include_dashboard=False, runtime_env={"env_vars": _storage_env(settings)},
+                log_to_driver=False, configure_logging=False)
+
+
+class _NotMainThread(logging.Filter):
+    """Drop Ray's note that a driver started off the main thread sets no SIGTERM handler:
+    ``start_in_background`` sets the same one itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "current thread is not the main thread" not in record.getMessage()
+
+
+# The local Ray started ahead of the tune stage (``start_in_background``): whether it is ours, and
+# the events of the thread that started it.
+_AHEAD: dict[str, Any] = {}
+
+
+def start_in_background(settings: Settings) -> None:
+    """Start the embedded default's local Ray in a thread, so that it comes up while the caller
+    does other work (imports, Prefect's API, preflight, data preparation): ``ray.init`` spends its
+    ~2-3 s waiting on Ray's own processes. ``ray_session`` waits for it and owns it. Does nothing
+    with ``RAY_ADDRESS`` set (a cluster is joined when the stage needs it) or when Ray is up.
+
+    The thread lives until that session ends: Ray starts its GCS and raylet with a parent-death
+    signal, which Linux sends when the *thread* that spawned them exits.
+    """
+    if settings.ray_address or _AHEAD:
+        return
+    for k, v in _RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # What ray.init does on the main thread: SIGTERM exits through atexit, which stops the local Ray.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    logging.getLogger("ray._private.worker").addFilter(_NotMainThread())
+    ready, done = threading.Event(), threading.Event()
+
+    def start() -> None:
+        import ray
+
+        try:
+            if not ray.is_initialized():
+                ray.init(**_local_init_args(settings))
+                _AHEAD["ours"] = True
+        except Exception:  # noqa: BLE001 - ray_session starts Ray itself and reports the error there
+            log.debug("starting Ray ahead of the tune stage failed", exc_info=True)
+        finally:
+            ready.set()
+        done.wait()
+
+    _AHEAD.update(ready=ready, done=done)
+    threading.Thread(target=start, name="tunepipe-ray", daemon=True).start()
+
+
+def _adopt_ray_started_ahead() -> threading.Event | None:
+    """Wait for ``start_in_background``; if it started the running Ray, the event that ends its
+    thread (set it after ``ray.shutdown``)."""
+    ready = _AHEAD.pop("ready", None)
+    if ready is None:
+        return None
+    ready.wait()
+    done = _AHEAD.pop("done")
+    if _AHEAD.pop("ours", False):
+        return done
+    done.set()
+    return None
+
+
 @contextlib.contextmanager
 def ray_session(settings: Settings, storage: Storage, num_cpus: int | None = None) -> Iterator[str]:
     """Connect to Ray for the duration of a stage.
@@ -78,8 +159,11 @@ def ray_session(settings: Settings, storage: Storage, num_cpus: int | None = Non
 
     for k, v in _RAY_ENV.items():
         os.environ.setdefault(k, v)
-    started = False
-    if ray.is_initialized():
+    ahead = _adopt_ray_started_ahead()
+    started = ahead is not None and ray.is_initialized()
+    if started:
+        where = "local"
+    elif ray.is_initialized():
         where = "existing"
     elif settings.ray_address:
         ray.init(address=settings.ray_address, log_to_driver=False, configure_logging=False,
@@ -87,9 +171,7 @@ def ray_session(settings: Settings, storage: Storage, num_cpus: int | None = Non
         where = settings.ray_address
         started = True  # our connection, not the cluster: shutdown() only disconnects this driver
     else:
-        ray.init(num_cpus=num_cpus or settings.ray_num_cpus or os.cpu_count(), include_dashboard=False,
-                 runtime_env={"env_vars": _storage_env(settings)},
-                 log_to_driver=False, configure_logging=False)
+        ray.init(**_local_init_args(settings, num_cpus))
         where = "local"
         started = True
     try:
@@ -104,6 +186,8 @@ def ray_session(settings: Settings, storage: Storage, num_cpus: int | None = Non
     finally:
         if started:
             ray.shutdown()
+        if ahead is not None:
+            ahead.set()
 
 
 def workers_hold_keys(settings: Settings) -> bool:

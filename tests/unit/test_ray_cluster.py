@@ -1,0 +1,58 @@
+"""The embedded default's local Ray: its own cluster whatever /tmp/ray says, started ahead of the
+tune stage and owned by it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_CHILD = textwrap.dedent("""
+    import ray
+    from infra.ray_cluster import ray_session, start_in_background
+    from infra.settings import Settings
+    from infra.storage import build_storage
+
+    settings = Settings(storage=STORAGE, ray_num_cpus=1)
+    storage = build_storage(settings)
+    if AHEAD:
+        start_in_background(settings)
+    with ray_session(settings, storage) as where:
+        assert ray.cluster_resources().get("CPU") == 1.0, ray.cluster_resources()
+        print("session", where, ray.get(ray.remote(lambda: 41 + 1).remote()))
+    assert not ray.is_initialized(), "the session started this Ray: it must shut it down"
+""")
+
+
+def _run_child(tmp_path: Path, ahead: bool) -> subprocess.CompletedProcess:
+    # A short temp dir of Ray's own (socket paths are limited to ~107 characters), holding the file a
+    # SIGKILLed cluster leaves behind: its address, where nothing listens any more.
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    Path(ray_tmp, "ray").mkdir()
+    Path(ray_tmp, "ray", "ray_current_cluster").write_text("127.0.0.1:1")
+    code = _CHILD.replace("STORAGE", repr(str(tmp_path / "store"))).replace("AHEAD", repr(ahead))
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp,
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=180)
+    finally:
+        subprocess.run(["rm", "-rf", ray_tmp], check=False)
+
+
+def test_embedded_default_starts_its_own_ray_despite_a_stale_cluster_file(tmp_path):
+    done = _run_child(tmp_path, ahead=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "session local 42" in done.stdout
+
+
+def test_ray_started_ahead_is_adopted_and_shut_down_by_the_session(tmp_path):
+    done = _run_child(tmp_path, ahead=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "session local 42" in done.stdout
+    assert "not the main thread" not in done.stderr
