@@ -18,6 +18,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
@@ -40,6 +41,16 @@ def _load_module(path: str, prefix: str) -> ModuleType:
     return module
 
 
+def _frame(data: Any) -> pd.DataFrame:
+    """A DataFrame of what a consumer passed: a DataFrame, a list of row dicts, {column: values}, or one
+    row as {column: value} (MLflow passes inputs through as they are: the model has no input schema)."""
+    if isinstance(data, pd.DataFrame):
+        return data
+    if isinstance(data, dict) and all(np.ndim(v) == 0 for v in data.values()):
+        return pd.DataFrame([data])
+    return pd.DataFrame(data)
+
+
 class FlightDelayModel(PythonModel):
     """Delay probability and label for each flight row."""
 
@@ -55,7 +66,7 @@ class FlightDelayModel(PythonModel):
         import xgboost as xgb
 
         try:
-            frame = self.features.model_frame(pd.DataFrame(model_input), self.categories)
+            frame = self.features.model_frame(_frame(model_input), self.categories)
         except self.features.FeatureError as err:
             # MLflow's scoring server answers this with 400 and the message; other errors are 500s.
             raise MlflowException.invalid_parameter_value(f"flights input: {err}") from None

@@ -232,6 +232,11 @@ def test_champion_predicts_raw_rows_of_each_schema_with_the_data_stages_features
         out = model.predict(rows)
         assert len(out) == len(asa), name
         np.testing.assert_allclose(out["delay_probability"].to_numpy(), expected, rtol=1e-6, err_msg=name)
+    # Without a DataFrame: one row as a dict, rows as a list of dicts (what JSON gives).
+    one = model.predict(bts.iloc[0].to_dict())
+    np.testing.assert_allclose(one["delay_probability"].to_numpy(), expected[:1], rtol=1e-6)
+    listed = model.predict(json.loads(bts.to_json(orient="records")))
+    np.testing.assert_allclose(listed["delay_probability"].to_numpy(), expected, rtol=1e-6)
 
 
 def test_a_raw_row_the_model_cannot_read_is_refused_naming_the_column(tracker, sample, boosters):
