@@ -4,6 +4,7 @@ back down through the tracking server only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,30 +76,20 @@ def _alive(pids: list[int]) -> list[int]:
     return alive
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(seaweed_s3, tmp_path_factory):
-    """``mlflow server`` on a free loopback port, artifacts proxied to a fresh prefix of the SeaweedFS bucket.
+@contextlib.contextmanager
+def _running_server(tmp_path: Path, env: dict[str, str], *options: str) -> Iterator[tuple[str, int]]:
+    """``mlflow server`` with a SQLite backend on a free loopback port: (url, pid) while it runs.
 
-    One for this module (each test uses its own experiment and model names). Stopped (its whole
-    process group) at the end; the module's last test fails if any of its processes is left.
+    Stopped (its whole process group) at the end; fails if any of its processes is left.
     """
-    tmp_path = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    prefix = f"mlflow-proxied-{uuid.uuid4().hex[:8]}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-    env.update(seaweed_s3.env)
-    env.update({"MLFLOW_S3_ENDPOINT_URL": seaweed_s3.endpoint,
-                "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
-                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no GenAI job consumers to fork
     argv = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination", f"s3://{seaweed_s3.bucket}/{prefix}", "--serve-artifacts",
-            "--workers", "1"]
+            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", *options, "--workers", "1"]
     log_path = tmp_path / "mlflow-server.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no GenAI jobs
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     pids: list[int] = [proc.pid]
     try:
         deadline = time.monotonic() + 180  # schema migrations + uvicorn start; slow on a busy machine
@@ -108,7 +100,7 @@ def mlflow_server(seaweed_s3, tmp_path_factory):
                 pytest.fail(f"mlflow server not healthy after 180 s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
         pids = _process_tree(proc.pid)
-        yield MlflowServer(url=url, bucket=seaweed_s3.bucket, prefix=prefix, pid=proc.pid)
+        yield url, proc.pid
     finally:
         pids = sorted(set(pids) | set(_process_tree(proc.pid)))
         try:
@@ -127,6 +119,22 @@ def mlflow_server(seaweed_s3, tmp_path_factory):
             for pid in left:
                 os.kill(pid, signal.SIGKILL)
             pytest.fail(f"mlflow server processes left after stop: {left}")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(seaweed_s3, tmp_path_factory):
+    """``mlflow server`` on a free loopback port, artifacts proxied to a fresh prefix of the SeaweedFS bucket.
+
+    One for this module (each test uses its own experiment and model names).
+    """
+    prefix = f"mlflow-proxied-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    env.update(seaweed_s3.env)
+    env.update({"MLFLOW_S3_ENDPOINT_URL": seaweed_s3.endpoint, "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required"})
+    server = _running_server(tmp_path_factory.mktemp("mlflow-server"), env,
+                             "--artifacts-destination", f"s3://{seaweed_s3.bucket}/{prefix}", "--serve-artifacts")
+    with server as (url, pid):
+        yield MlflowServer(url=url, bucket=seaweed_s3.bucket, prefix=prefix, pid=pid)
 
 
 @pytest.fixture
@@ -210,6 +218,29 @@ def test_model_logged_through_the_server_lands_in_s3_and_loads_by_alias(mlflow_s
 
     np.testing.assert_allclose(proba, booster.predict(xgb.DMatrix(x, enable_categorical=True)), rtol=1e-5)
 
+
+
+def test_server_that_does_not_serve_artifacts_gets_the_s3_root_and_one_that_does_its_own(seaweed_s3, mlflow_server,
+                                                                                          tmp_path, monkeypatch):
+    """Where a new experiment's artifacts go: with a server that proxies them, the server's location
+    (readable with the tracking URI alone); with one that does not, the s3:// storage root (its own
+    default could be a folder on the server's disk)."""
+    from infra.storage import build_storage
+    from infra.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", seaweed_s3.endpoint)  # a Tracker sets it; undone after the test
+    settings = seaweed_s3.settings(storage=f"s3://{seaweed_s3.bucket}/where-{uuid.uuid4().hex[:6]}")
+    proxying = settings.model_copy(update={"mlflow_tracking_uri": mlflow_server.url})
+    assert Tracker(proxying, build_storage(proxying)).artifact_location("exp") is None
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    with _running_server(tmp_path, env, "--no-serve-artifacts", "--default-artifact-root", str(tmp_path / "art")) \
+            as (url, _):
+        direct = settings.model_copy(update={"mlflow_tracking_uri": url})
+        storage = build_storage(direct)
+        assert Tracker(direct, storage).artifact_location("exp") == f"{storage.uri}/mlflow/exp"
+        local = direct.model_copy(update={"storage": str(tmp_path / "store")})
+        assert Tracker(local, build_storage(local)).artifact_location("exp") is None  # the server decides
 
 
 # ----------------------------------------------------------------------------- registry consumers
