@@ -14,7 +14,7 @@ from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from tasks import stages
-from tasks.workloads import Pipeline, with_warm_start
+from tasks.workloads import Pipeline, StageClock, warm_up, with_warm_start
 
 
 def _stamp() -> str:
@@ -44,16 +44,23 @@ def rename_run(cfg: Pipeline, version: str) -> None:
 
 
 def run_pipeline(cfg: Pipeline) -> dict[str, Any]:
-    stages.preflight(cfg)
-    warm = stages.champion_config(cfg)
+    warm_up()  # the local Ray comes up while preflight and data preparation run
+    clock = StageClock()
+    with clock("preflight_s"):
+        stages.preflight(cfg)
+        warm = stages.champion_config(cfg)
     cfg = with_warm_start(cfg, warm)
     if warm:
         get_run_logger().info("warm start: the champion's config is tried first")
-    version = stages.prepare_data(cfg)
-    rename_run(cfg, version.version)
+    with clock("prepare_s"):
+        version = stages.prepare_data(cfg)
+        rename_run(cfg, version.version)
     # One run at a time writes into an experiment (its name is known once the data version is).
     with stages.experiment_lease(cfg, version):
-        tuning = stages.tune(cfg, version)
-        retrained = stages.retrain_best(cfg, version, tuning)
-        registry = stages.evaluate_and_register(cfg, version, tuning, retrained)
-    return stages.report(cfg, version, tuning, retrained, registry)
+        with clock("tune_s"):
+            tuning = stages.tune(cfg, version)
+        with clock("retrain_s"):
+            retrained = stages.retrain_best(cfg, version, tuning)
+        with clock("register_s"):
+            registry = stages.evaluate_and_register(cfg, version, tuning, retrained)
+    return stages.report(cfg, version, tuning, retrained, registry, clock.total())

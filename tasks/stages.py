@@ -149,8 +149,8 @@ def evaluate_and_register(cfg: wl.Pipeline, version: DataVersion, tuning: Tuning
 
 @task(name="report", tags=["tunepipe", "report"], retries=2, retry_delay_seconds=5, timeout_seconds=600, **COMMON)
 def report(cfg: wl.Pipeline, version: DataVersion, tuning: TuningResult, retrained: RetrainResult,
-           registry: RegistryResult) -> dict[str, Any]:
-    summary = wl.summary(cfg, version, tuning, retrained, registry, _ctx())
+           registry: RegistryResult, timings: dict[str, float] | None = None) -> dict[str, Any]:
+    summary = wl.summary(cfg, version, tuning, retrained, registry, _ctx(), timings)
     create_markdown_artifact(key=f"{cfg.workload}-report", markdown=wl.report_markdown(summary),
                              description="tunepipe run report")
     return summary

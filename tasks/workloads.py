@@ -7,10 +7,12 @@ expose the same interface, which is what lets one DAG serve them all.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,34 @@ def with_warm_start(cfg: Pipeline, warm_start: list[dict[str, Any]] | None) -> P
 
 def mlflow_experiment(cfg: Pipeline) -> str:
     return f"tunepipe-{cfg.workload}"
+
+
+def warm_up(settings: Settings | None = None) -> None:
+    """Start what the tune stage needs ahead of it: the embedded default's local Ray comes up in
+    the background while preflight and data preparation run (no-op on a cluster)."""
+    from infra.ray_cluster import start_in_background
+    from infra.settings import get_settings
+
+    start_in_background(settings or get_settings())
+
+
+class StageClock:
+    """Wall seconds of each stage of a run, in order: ``with clock("tune_s"): ...``."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.monotonic() - start
+
+    def total(self) -> dict[str, float]:
+        return {**self.timings, "total_s": time.monotonic() - self.started}
 
 
 def preflight(cfg: Pipeline, ctx: Context) -> None:
@@ -169,7 +199,8 @@ def tune(cfg: Pipeline, ctx: Context, version: DataVersion,
 
         space = cfg.tune.space or FASHION_SPACE
     tune_cfg = cfg.tune
-    data = {"train": _load(cfg, ctx, version, "train"), "valid": _load(cfg, ctx, version, "valid")}
+    data = {"train": _load(cfg, ctx, version, "train"), "valid": _load(cfg, ctx, version, "valid"),
+            "data_key": version.version}
     name = experiment_for(cfg, version)
     tracker = ctx.tracker()
     parent = parent_run(cfg, ctx, version, name, tracker)
@@ -255,7 +286,8 @@ def retrain(cfg: Pipeline, ctx: Context, version: DataVersion, tuning: TuningRes
     for k, v in {"tunepipe.model_uri": model_uri, "tunepipe.best_config": json.dumps(tuning.best_config),
                  "tunepipe.checkpoint_uri": tuning.best_checkpoint_uri or "", "data_version": version.version,
                  "tunepipe.test_metrics": json.dumps(final.test_metrics),
-                 "tunepipe.baseline_test_metrics": json.dumps(final.baseline_test_metrics)}.items():
+                 "tunepipe.baseline_test_metrics": json.dumps(final.baseline_test_metrics),
+                 "tunepipe.fit_s": f"{final.fit_s:.3f}"}.items():
         tracker.client.set_tag(run_id, k, v)
     tracker.finish(run_id)
     tracker.finish(parent)
@@ -268,7 +300,8 @@ def _retrain_result(run: Any, tracker: Tracker) -> RetrainResult:
     base = json.loads(tags["tunepipe.baseline_test_metrics"])
     return RetrainResult(mlflow_run_id=run.info.run_id, model_uri=tags["tunepipe.model_uri"], test_metrics=test,
                          baseline_test_metrics=base, uplift={k: test[k] - base[k] for k in test if k in base},
-                         rounds=int(run.data.params.get("rounds", 0)))
+                         rounds=int(run.data.params.get("rounds", 0)),
+                         fit_s=float(tags.get("tunepipe.fit_s", 0.0)))
 
 
 def _retrain_flights(cfg: FlightsPipeline, ctx: Context, version: DataVersion, tuning: TuningResult,
@@ -316,6 +349,7 @@ def _retrain_fashion(cfg: FashionPipeline, ctx: Context, version: DataVersion, t
     (xt, yt), (xv, yv), test = (_load(cfg, ctx, version, s) for s in ("train", "valid", "test"))
     full = (np.concatenate([xt, xv]), np.concatenate([yt, yv]))
     epochs = max(1, tuning.best_iteration)
+    started = time.perf_counter()
     if cfg.retrain.retrain:
         model, source = tt.fit_final(tuning.best_config, full, epochs, seed=cfg.tune.seed), "retrained"
     else:
@@ -324,11 +358,12 @@ def _retrain_fashion(cfg: FashionPipeline, ctx: Context, version: DataVersion, t
     default_cfg = {"model": "cnn", "width": 32, "lr": 0.01, "momentum": 0.9, "batch_size": 64, "weight_decay": 0.0}
     baseline = tt.fit_final(default_cfg, full, epochs, seed=cfg.tune.seed)
     tuned_m, base_m = tt.evaluate(model, test), tt.evaluate(baseline, test)
+    fit_s = time.perf_counter() - started
     cm = tuned_m.pop("confusion")
     base_m.pop("confusion", None)
     plots = {"confusion_matrix.png": confusion_png(cm, [str(i) for i in range(10)], "test confusion matrix")}
     final = FinalModel(model=model, rounds=epochs, test_metrics=tuned_m, baseline_test_metrics=base_m,
-                       plots=plots, source=source, extra={"confusion": cm})
+                       plots=plots, source=source, extra={"confusion": cm}, fit_s=fit_s)
     # The datasets' profiles are computed from what is passed: a sample stands for each split.
     lineage = mlmodels.Lineage(
         params=_model_params(tuning, final), metrics=_model_metrics(final),
@@ -410,7 +445,7 @@ def champion_warm_start(cfg: Pipeline, ctx: Context) -> list[dict[str, Any]] | N
 
 # --------------------------------------------------------------------------- report
 def summary(cfg: Pipeline, version: DataVersion, tuning: TuningResult, retrained: RetrainResult,
-            registry: RegistryResult, ctx: Context) -> dict[str, Any]:
+            registry: RegistryResult, ctx: Context, timings: dict[str, float] | None = None) -> dict[str, Any]:
     """The machine-readable summary (``--summary-json``); nothing secret goes in here."""
     tracker = ctx.tracker()
     return {
@@ -423,12 +458,13 @@ def summary(cfg: Pipeline, version: DataVersion, tuning: TuningResult, retrained
                    "wall_time_s": round(tuning.wall_time_s, 2), "leaderboard_uri": tuning.leaderboard_uri},
         "retrain": {"mlflow_run_id": retrained.mlflow_run_id, "model_uri": retrained.model_uri,
                     "test_metrics": retrained.test_metrics, "baseline_test_metrics": retrained.baseline_test_metrics,
-                    "uplift": retrained.uplift, "rounds": retrained.rounds,
+                    "uplift": retrained.uplift, "rounds": retrained.rounds, "fit_s": round(retrained.fit_s, 2),
                     "run_url": tracker.run_url(retrained.mlflow_run_id)},
         "registry": {"model_name": registry.model_name, "version": registry.version, "aliases": registry.aliases,
                      "promoted": registry.promoted, "decision": registry.decision,
                      "champion_before": registry.champion_before},
         "mlflow_tracking_uri": redact(tracker.uri),
+        "timings": {k: round(v, 2) for k, v in (timings or {}).items()},
     }
 
 
@@ -437,6 +473,8 @@ def report_markdown(s: dict[str, Any]) -> str:
     rows = "\n".join(f"| {k} | {r['test_metrics'][k]:.4f} | {r['baseline_test_metrics'].get(k, float('nan')):.4f} | "
                      f"{r['uplift'].get(k, float('nan')):+.4f} |" for k in r["test_metrics"])
     cfg = "\n".join(f"| {k} | {v} |" for k, v in t["best_config"].items())
+    times = s.get("timings") or {}
+    stage_times = "\n".join(f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in times.items())
     return f"""# tunepipe {s['workload']}: {g['model_name']} v{g['version']}
 
 **Registry decision:** {g['decision']} (aliases: {', '.join(g['aliases']) or 'none'})
@@ -454,6 +492,11 @@ def report_markdown(s: dict[str, Any]) -> str:
 | param | value |
 |---|---|
 {cfg}
+
+## Stage wall times (s)
+| stage | seconds |
+|---|---|
+{stage_times}
 
 Links: MLflow run `{r['mlflow_run_id']}` ({r['run_url']}); model `models:/{g['model_name']}/{g['version']}`;
 experiment `{t['experiment_uri']}`.

@@ -37,9 +37,15 @@ class DataVersion(_Result):
         rows = [{"item": f"rows.{k}", "value": v} for k, v in self.rows.items()]
         for k, v in self.manifest.get("dropped", {}).items():
             rows.append({"item": f"dropped.{k}", "value": v})
-        for k in ("schema", "label_rate", "source"):
+        for k in ("schema", "header", "label_rate", "source"):
             if k in self.manifest:
                 rows.append({"item": k, "value": self.manifest[k]})
+        bad = self.manifest.get("bad_rows") or {}
+        if bad:  # rows that did not split into the file's columns (flights), skipped
+            rows.append({"item": "bad_rows.skipped", "value": bad.get("skipped", 0)})
+            for i, ex in enumerate(bad.get("examples", []), start=1):
+                rows.append({"item": f"bad_rows.example_{i}",
+                             "value": f"{ex['file']} line {ex['line']}: {ex['problem']}"})
         for k, v in (self.manifest.get("null_rates") or {}).items():
             rows.append({"item": f"null_rate.{k}", "value": v})
         return rows
@@ -97,6 +103,7 @@ class RetrainResult(_Result):
     baseline_test_metrics: dict[str, float]
     uplift: dict[str, float]
     rounds: int
+    fit_s: float = 0.0  # compute of the final fits and their test predictions, apart from logging
 
 
 class RegistryResult(_Result):

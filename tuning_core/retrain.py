@@ -6,6 +6,7 @@ Returns a ``FinalModel`` that infra logs to MLflow; nothing here talks to MLflow
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class FinalModel:
     plots: dict[str, bytes] = field(default_factory=dict)
     source: str = "retrained"
     extra: dict[str, Any] = field(default_factory=dict)
+    fit_s: float = 0.0  # seconds of training and predicting (tuned and default), not of plots or logging
 
     @property
     def uplift(self) -> dict[str, float]:
@@ -72,6 +74,7 @@ def retrain_xgboost(best_config: dict[str, Any], best_iteration: int, train: pd.
                     test: pd.DataFrame, *, retrain: bool = True, checkpoint_dir: Path | None = None,
                     nthread: int = 2) -> FinalModel:
     """Retrain (or take the winning checkpoint), evaluate tuned and default models on the test split."""
+    started = time.perf_counter()
     full = pd.concat([train, valid], ignore_index=True)
     if retrain:
         rounds = scaled_rounds(best_iteration, len(train), len(valid))
@@ -89,6 +92,7 @@ def retrain_xgboost(best_config: dict[str, Any], best_iteration: int, train: pd.
     _, y_test = split_xy(test)
     p_tuned = predict_xgboost(booster, test)
     p_base = predict_xgboost(baseline, test)
+    fit_s = time.perf_counter() - started
     tuned = binary_metrics(y_test.to_numpy(), p_tuned)
     base = binary_metrics(y_test.to_numpy(), p_base)
     cm = confusion(y_test.to_numpy(), (p_tuned >= 0.5).astype(int), 2)
@@ -98,4 +102,4 @@ def retrain_xgboost(best_config: dict[str, Any], best_iteration: int, train: pd.
     }
     log.info("retrained %s rounds=%d test auc=%.4f (default %.4f)", source, rounds, tuned["auc"], base["auc"])
     return FinalModel(model=booster, rounds=rounds, test_metrics=tuned, baseline_test_metrics=base, plots=plots,
-                      source=source, extra={"confusion": cm})
+                      source=source, extra={"confusion": cm}, fit_s=fit_s)
