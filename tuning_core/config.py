@@ -19,7 +19,14 @@ from tuning_core.errors import ConfigError
 from tuning_core.models import MODEL_NAMES
 from tuning_core.schedulers import SCHEDULERS
 from tuning_core.search import SEARCHERS
-from tuning_core.space import PARAM_TYPES, ParamSpec, Scalar  # noqa: F401 - re-exported: configs name them here
+from tuning_core.space import (  # noqa: F401 - re-exported: configs and callers name them here
+    FASHION_SPACE,
+    FLIGHTS_SPACE,
+    PARAM_TYPES,
+    ParamSpec,
+    Scalar,
+    SearchSpace,
+)
 
 
 class _Frozen(BaseModel):
@@ -31,33 +38,6 @@ class _Frozen(BaseModel):
 SearchName = Literal[tuple(SEARCHERS)]  # type: ignore[valid-type]
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
 ModelName = Literal[tuple(MODEL_NAMES)]  # type: ignore[valid-type]
-
-
-SearchSpace = dict[str, ParamSpec | Scalar]
-
-
-def _space(**entries: dict[str, Any] | Scalar) -> dict[str, ParamSpec | Scalar]:
-    return {k: ParamSpec(**v) if isinstance(v, dict) else v for k, v in entries.items()}
-
-
-FLIGHTS_SPACE: dict[str, ParamSpec | Scalar] = _space(
-    max_depth={"type": "randint", "low": 3, "high": 11},
-    min_child_weight={"type": "loguniform", "low": 1.0, "high": 64.0},
-    subsample={"type": "uniform", "low": 0.5, "high": 1.0},
-    colsample_bytree={"type": "uniform", "low": 0.5, "high": 1.0},
-    eta={"type": "loguniform", "low": 0.01, "high": 0.4},
-    gamma={"type": "uniform", "low": 0.0, "high": 5.0},
-    reg_lambda={"type": "loguniform", "low": 0.1, "high": 10.0},
-)
-
-FASHION_SPACE: dict[str, ParamSpec | Scalar] = _space(
-    lr={"type": "loguniform", "low": 1e-3, "high": 0.2},
-    momentum={"type": "uniform", "low": 0.5, "high": 0.99},
-    batch_size={"type": "choice", "values": [32, 64, 128]},
-    weight_decay={"type": "loguniform", "low": 1e-6, "high": 1e-3},
-    width={"type": "choice", "values": [16, 32, 48]},
-    model="cnn",
-)
 
 
 class SchedulerOptions(_Frozen):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tuning_core.errors import ConfigError
-from tuning_core.space import ParamSpec, Scalar
+from tuning_core.space import ParamSpec, Scalar, to_domain
 
 if TYPE_CHECKING:  # config types its `search`/`scheduler` from this module's table: no runtime import back
     from tuning_core.config import TuneConfig
@@ -45,8 +45,6 @@ def _median(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> Any:
 
 def pbt_mutations(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> dict[str, Any]:
     """PBT's mutation space: the configured one, or every float range of the search space."""
-    from tuning_core.search import to_domain
-
     given = cfg.scheduler_options.hyperparam_mutations
     if given:
         return {k: (list(v) if isinstance(v, list) else to_domain(k, v)) for k, v in given.items()}
