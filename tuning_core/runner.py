@@ -16,6 +16,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -39,14 +40,30 @@ def experiment_name(workload: str, data_version: str, cfg_hash: str, run_id: str
     return f"{workload}-{data_version[:10]}-{cfg_hash[:10]}"
 
 
-def validate(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> dict[str, Any]:
-    """Check the space, searcher and scheduler before Ray starts; returns the Ray param space."""
+@dataclass(frozen=True)
+class SearchPlan:
+    """The Ray param space, searcher and scheduler of one ``TuneConfig``, each built once."""
+
+    param_space: dict[str, Any]
+    searcher: Any
+    scheduler: Any
+
+
+def plan_search(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> SearchPlan:
+    """Build the space, searcher and scheduler, failing with a ConfigError before Ray starts.
+
+    ``run_tuning`` hands these very objects to the Tuner: building them is the check, so it is done once.
+    """
     param_space = build_space(space, cfg.search)
-    create_searcher(cfg, param_space)
-    create_scheduler(cfg, space)
+    plan = SearchPlan(param_space, create_searcher(cfg, param_space), create_scheduler(cfg, space))
     if cfg.search == "grid" and cfg.num_samples != 1:
         log.info("grid search: num_samples=%d repeats the whole grid that many times", cfg.num_samples)
-    return param_space
+    return plan
+
+
+def validate(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> dict[str, Any]:
+    """Check the space, searcher and scheduler before Ray starts (preflight); returns the Ray param space."""
+    return plan_search(cfg, space).param_space
 
 
 def _driver_callbacks(cfg: TuneConfig, progress: Progress | None, extra: list[Any] | None) -> list[Any]:
@@ -194,9 +211,9 @@ def run_tuning(
     """
     from ray import tune
 
-    param_space = validate(cfg, space)
+    plan = plan_search(cfg, space)
     report_at, every = report_cadence(cfg)
-    param_space = {**param_space, "_max_iterations": cfg.max_iterations, "_checkpoint_every": every,
+    param_space = {**plan.param_space, "_max_iterations": cfg.max_iterations, "_checkpoint_every": every,
                    "_report_at": report_at}
     exp_path = f"{storage_path.rstrip('/')}/{name}"
     _check_a_node_fits(cfg)
@@ -219,7 +236,7 @@ def run_tuning(
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=cfg.metric, mode=cfg.mode,
-                search_alg=create_searcher(cfg, param_space), scheduler=create_scheduler(cfg, space),
+                search_alg=plan.searcher, scheduler=plan.scheduler,
                 num_samples=cfg.num_samples,
                 # Searchers get their limit themselves (ConcurrencyLimiter / BasicVariantGenerator).
                 max_concurrent_trials=None,

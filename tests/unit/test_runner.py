@@ -163,6 +163,29 @@ def test_another_seed_proposes_other_configs(tuned, data, ray_dir):
     assert sorted(config_key(t.config) for t in other.trials) != sorted(config_key(t.config) for t in first.trials)
 
 
+def test_one_run_builds_its_searcher_and_scheduler_once_and_tunes_with_them(ray_local, data, tmp_path,
+                                                                             monkeypatch):
+    from tuning_core.schedulers import SCHEDULERS
+    from tuning_core.search import SEARCHERS
+
+    built: dict[str, list[Any]] = {"searcher": [], "scheduler": []}
+
+    def counting(kind: str, make: Any) -> Any:
+        def build(*args: Any) -> Any:
+            built[kind].append(make(*args))
+            return built[kind][-1]
+        return build
+
+    monkeypatch.setitem(SEARCHERS, "hyperopt", counting("searcher", SEARCHERS["hyperopt"]))
+    monkeypatch.setitem(SCHEDULERS, "asha", counting("scheduler", SCHEDULERS["asha"]))
+    cfg = tune_cfg(search="hyperopt", scheduler="asha", num_samples=2, max_iterations=2)
+    result = run_tuning(train_xgboost, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "built-once")
+    assert result.num_trials == 2
+    assert [len(built["searcher"]), len(built["scheduler"])] == [1, 1]
+    # The one searcher built is the one that proposed the trials (TPE saw their results).
+    assert len(built["searcher"][0].searcher._hpopt_trials.trials) == 2  # noqa: SLF001
+
+
 @pytest.mark.parametrize("scheduler", ["hyperband", "median"])
 def test_early_stopping_schedulers_run_to_a_result(ray_local, data, tmp_path, scheduler):
     cfg = tune_cfg(scheduler=scheduler, num_samples=3, max_iterations=6)
