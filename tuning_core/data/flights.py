@@ -17,6 +17,15 @@ Schemas (detected from the header, column names matched case-insensitively):
 * ``bts``: the modern BTS "Reporting Carrier On-Time Performance" download (FlightDate,
   Reporting_Airline or IATA_CODE_Reporting_Airline, Flight_Number_Reporting_Airline, ...).
 
+Real-world files. Database exports often have no header line (and ``\\N`` for NULL): a file whose first
+line names no schema is read as a headerless export of the ``asa`` (29 columns) or ``nycflights13``
+(19 columns) layout when its first lines have that column count and values of the right shapes;
+``data.header`` / ``data.schema`` can state either instead. Rows that do not split into the file's
+columns (a truncated last line from a partial download, ragged rows) are skipped, counted and shown
+with their line numbers in the manifest and data report, up to ``data.max_bad_row_fraction`` (0.1 %)
+of the rows; beyond that, or on the first one with ``data.bad_rows: error``, the stage fails naming
+the first bad line. The content hash covers the rows kept.
+
 Features are only what is known when the flight is scheduled: date parts, scheduled departure and
 arrival times, carrier, flight number, airports and distance. Columns measured during or after the
 flight (actual times, departure delay, taxi/air times, delay causes) are never read as features: a
@@ -37,6 +46,7 @@ import logging
 import os
 import posixpath
 import re
+import sys
 import zipfile
 import zlib
 from collections import Counter
@@ -252,12 +262,88 @@ def _open_bytes(fs: pafs.FileSystem, path: str) -> Iterator[BinaryIO]:
 # --------------------------------------------------------------------------- header and schema
 
 
+# Headerless files: database exports of a schema's full table write its columns in this order and no
+# header line. Some columns' values have a recognisable shape (a regex; missing values always pass
+# unless the column is required), which is how such a file is told from a header of unknown names.
+_INT, _NUM, _TIME = r"-?\d+(?:\.0*)?", r"-?\d+(?:\.\d*)?", r"\d{1,4}(?:\.0*)?"
+_YEAR, _MONTH, _DAY = r"(?:19|20|21)\d\d", r"0?[1-9]|1[0-2]", r"0?[1-9]|[12]\d|3[01]"
+_CARRIER, _AIRPORT = r"[A-Z0-9]{2,3}", r"[A-Z]{3}"
+# How many lines of the probe are checked, and the share that must fit (ragged rows may be among them).
+_LAYOUT_LINES, _LAYOUT_SHARE = 50, 0.9
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A schema's column order without a header, and the shapes of some of its values."""
+
+    schema: str
+    columns: tuple[str, ...]
+    shapes: dict[str, re.Pattern[str]]
+    required: frozenset[str]
+
+    def fits(self, fields: list[str]) -> bool:
+        if len(fields) != len(self.columns):
+            return False
+        for name, value in zip(self.columns, fields, strict=True):
+            value = value.strip()
+            if value in NULL_VALUES:
+                if name in self.required:
+                    return False
+            elif name in self.shapes and not self.shapes[name].fullmatch(value):
+                return False
+        return True
+
+
+def _layout(schema: str, columns: str, required: str, **shapes: str) -> _Layout:
+    return _Layout(schema, tuple(columns.split(",")), {k: re.compile(v) for k, v in shapes.items()},
+                   frozenset(required.split(",")))
+
+
+HEADERLESS: dict[str, _Layout] = {
+    "asa": _layout(
+        "asa",
+        "Year,Month,DayofMonth,DayOfWeek,DepTime,CRSDepTime,ArrTime,CRSArrTime,UniqueCarrier,FlightNum,TailNum,"
+        "ActualElapsedTime,CRSElapsedTime,AirTime,ArrDelay,DepDelay,Origin,Dest,Distance,TaxiIn,TaxiOut,Cancelled,"
+        "CancellationCode,Diverted,CarrierDelay,WeatherDelay,NASDelay,SecurityDelay,LateAircraftDelay",
+        "Year,Month,DayofMonth,UniqueCarrier,Origin,Dest",
+        Year=_YEAR, Month=_MONTH, DayofMonth=_DAY, DayOfWeek="[1-7]", DepTime=_TIME, CRSDepTime=_TIME,
+        ArrTime=_TIME, CRSArrTime=_TIME, UniqueCarrier=_CARRIER, FlightNum=_INT, ActualElapsedTime=_NUM,
+        CRSElapsedTime=_NUM, AirTime=_NUM, ArrDelay=_NUM, DepDelay=_NUM, Origin=_AIRPORT, Dest=_AIRPORT,
+        Distance=_NUM, TaxiIn=_NUM, TaxiOut=_NUM, Cancelled="[01]", CancellationCode="[A-D]?", Diverted="[01]",
+        CarrierDelay=_NUM, WeatherDelay=_NUM, NASDelay=_NUM, SecurityDelay=_NUM, LateAircraftDelay=_NUM,
+    ),
+    "nycflights13": _layout(
+        "nycflights13",
+        "year,month,day,dep_time,sched_dep_time,dep_delay,arr_time,sched_arr_time,arr_delay,carrier,flight,tailnum,"
+        "origin,dest,air_time,distance,hour,minute,time_hour",
+        "year,month,day,carrier,origin,dest",
+        year=_YEAR, month=_MONTH, day=_DAY, dep_time=_TIME, sched_dep_time=_TIME, dep_delay=_NUM, arr_time=_TIME,
+        sched_arr_time=_TIME, arr_delay=_NUM, carrier=_CARRIER, flight=_INT, origin=_AIRPORT, dest=_AIRPORT,
+        air_time=_NUM, distance=_NUM, hour=_INT, minute=_INT, time_hour=r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d.*",
+    ),
+}
+
+
+def _layouts_text() -> str:
+    return " or ".join(f"{name} ({len(layout.columns)} columns)" for name, layout in HEADERLESS.items())
+
+
 @dataclass(frozen=True)
 class _Header:
+    """The first line of a file (its header, or its first row) and the probe's first lines, split."""
+
     names: list[str]
     encoding: str  # "utf8" or "latin-1"
     line: str
-    has_rows: bool = True  # something follows the header line in the probe
+    has_rows: bool = True  # something follows the first line in the probe
+    lines: tuple[list[str], ...] = ()  # the first _LAYOUT_LINES complete lines, split into fields
+
+
+def _split(line: str) -> list[str]:
+    try:
+        return next(csv.reader([line]), [])
+    except csv.Error:  # not text (NUL bytes): let detection report it
+        return line.split(",")
 
 
 def _read_header(fs: pafs.FileSystem, path: str) -> _Header:
@@ -273,38 +359,29 @@ def _read_header(fs: pafs.FileSystem, path: str) -> _Header:
     except UnicodeDecodeError:
         line, encoding = first.decode("latin-1"), "latin-1"
     line = line.lstrip("\ufeff")
-    try:
-        names = next(csv.reader([line]), [])
-    except csv.Error:  # not text: let schema detection report it as an unknown header
-        names = line.split(",")
-    return _Header(names=names, encoding=encoding, line=line, has_rows=bool(rest and rest[0].strip()))
-
-
-def _detect(header: _Header, src: str, need_label: bool) -> tuple[RawSchema, dict[str, str]]:
-    """The first schema whose required columns the header has, and role → header name."""
-    found = match_schema(header.names, need_label)
-    if found is not None:
-        return found
-    hint = ""
-    if len(header.names) <= 2:
-        for delim in (";", "\t", "|"):
-            if delim in header.line:
-                hint = f" (the header looks {delim!r}-separated; expected comma-separated CSV)"
-                break
-    shown = ", ".join(header.names[:8]) + (", ..." if len(header.names) > 8 else "")
-    raise DataError(f"{src}: unknown flights schema{hint}, header [{shown[:80]}]; "
-                    f"expected the columns of one of {expected_schemas()}")
-
-
-# --------------------------------------------------------------------------- per-batch conversion
+    raw = probe.decode("utf-8" if encoding == "utf8" else "latin-1", errors="replace").split("\n")
+    if len(probe) == _HEADER_PROBE:
+        raw = raw[:-1]  # cut by the probe, not by the file
+    lines = tuple(_split(ln.rstrip("\r").lstrip("\ufeff")) for ln in raw[:_LAYOUT_LINES] if ln.strip())
+    return _Header(names=_split(line), encoding=encoding, line=line, has_rows=bool(rest and rest[0].strip()),
+                   lines=lines)
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """How one file is read: its schema, the header name of each role, and the pyarrow options."""
+    """How one file is read: its schema, the column name of each role, its column names when the file
+    has no header, what was detected (for the data report), and the pyarrow options."""
 
     schema: RawSchema
-    columns: dict[str, str]  # role → header name
+    columns: dict[str, str]  # role → column name
+    column_names: tuple[str, ...] | None = None  # headerless: the layout's columns; None: the file's header
+    header: str = "present"
+
+    def read_options(self, encoding: str) -> pacsv.ReadOptions:
+        # use_threads=False: the parser then knows each bad row's line number (no measurable cost here:
+        # a 440k-row ASA file, plain and bz2, read as fast either way).
+        return pacsv.ReadOptions(encoding=encoding, block_size=_BLOCK_SIZE, use_threads=False,
+                                 column_names=list(self.column_names) if self.column_names else None)
 
     def convert_options(self) -> pacsv.ConvertOptions:
         types = {}
@@ -317,6 +394,65 @@ class _Plan:
             strings_can_be_null=True,
             quoted_strings_can_be_null=True,
         )
+
+
+def _detect(header: _Header, src: str, need_label: bool, cfg: FlightsData | None = None) -> _Plan:
+    """How to read a file: from its header line, or as a headerless file of a known layout.
+
+    ``cfg.header`` and ``cfg.schema_`` may say which (the defaults detect both): a first line whose
+    names match a schema is a header; otherwise the file is a headerless export when its first line
+    and nearly all of the probe's lines have a layout's column count and value shapes.
+    """
+    wanted = cfg.schema_ if cfg is not None else "auto"
+    header_mode = cfg.header if cfg is not None else "auto"
+    if header_mode != "absent":
+        found = match_schema(header.names, need_label)
+        if found is not None:
+            schema, columns = found
+            if wanted not in ("auto", schema.name):
+                raise DataError(f"{src}: the header is of the {schema.name} schema, but data.schema is {wanted!r}")
+            return _Plan(schema, columns)
+    if header_mode != "present":
+        layout = _headerless_layout(header, wanted, src, forced=header_mode == "absent")
+        if layout is not None:
+            found = match_schema(layout.columns, need_label)
+            assert found is not None, layout.schema  # each layout holds its schema's columns
+            how = "data.schema" if header_mode == "absent" and wanted != "auto" else "its column count and values"
+            return _Plan(found[0], found[1], layout.columns,
+                         f"absent: {layout.schema} layout of {len(layout.columns)} columns (from {how})")
+    hint = ""
+    if len(header.names) <= 2:
+        for delim in (";", "\t", "|"):
+            if delim in header.line:
+                hint = f" (the header looks {delim!r}-separated; expected comma-separated CSV)"
+                break
+    shown = ", ".join(header.names[:8]) + (", ..." if len(header.names) > 8 else "")
+    raise DataError(f"{src}: unknown flights schema{hint}, header [{shown[:80]}]; "
+                    f"expected the columns of one of {expected_schemas()}; or no header and rows of a known "
+                    f"layout: {_layouts_text()}")
+
+
+def _headerless_layout(header: _Header, wanted: str, src: str, forced: bool) -> _Layout | None:
+    """The layout of a headerless file, or None; ``forced``: data.header is 'absent' (an error if none fits)."""
+    if forced and wanted != "auto":
+        layout = HEADERLESS[wanted]
+        if len(header.names) != len(layout.columns):
+            raise DataError(f"{src}: data.header is 'absent' and data.schema is {wanted!r}, but the first line has "
+                            f"{len(header.names)} fields; the {wanted} layout has {len(layout.columns)} columns")
+        return layout
+    for layout in HEADERLESS.values():
+        if wanted not in ("auto", layout.schema) or not header.lines or not layout.fits(header.lines[0]):
+            continue
+        if sum(layout.fits(fields) for fields in header.lines) >= _LAYOUT_SHARE * len(header.lines):
+            return layout
+    if forced:
+        shown = ", ".join(header.names[:6]) + (", ..." if len(header.names) > 6 else "")
+        raise DataError(f"{src}: data.header is 'absent', but the first line ({len(header.names)} fields: "
+                        f"{shown[:80]}) is not a row of a known layout: {_layouts_text()}; set data.schema")
+    return None
+
+
+# --------------------------------------------------------------------------- per-batch conversion
 
 
 def _convert_batch(
@@ -377,38 +513,97 @@ class _Read:
     rows_read: int = 0
     dropped: Counter = field(default_factory=Counter)
     relabelled: Counter = field(default_factory=Counter)
+    bad_rows: int = 0  # rows that did not split into the file's columns, skipped
+    bad_examples: list[dict[str, Any]] = field(default_factory=list)  # the first few, with file and line
 
 
-_CONVERSION = re.compile(r"CSV column #(\d+): CSV conversion error to (\w+): invalid value '(.*)'")
+# Bad rows shown in the data report and manifest.
+_BAD_EXAMPLES = 5
 
 
-def _arrow_error(err: pa.ArrowInvalid, src: str, header: _Header) -> DataError:
+class _BadRows:
+    """pyarrow's invalid-row handler: counts rows whose column count is wrong (a truncated last line,
+    ragged rows) and keeps the first few; skips them, or stops at the first when ``strict``.
+
+    Line numbers are the parser's: counted from the file's first line, blank lines not counted.
+    """
+
+    def __init__(self, src: str, strict: bool) -> None:
+        self.src, self.strict = src, strict
+        self.count = 0
+        self.examples: list[dict[str, Any]] = []
+
+    def __call__(self, row: Any) -> str:
+        if not row.text.strip():
+            return "skip"  # a line of blanks carries no flight
+        self.count += 1
+        if len(self.examples) < _BAD_EXAMPLES:
+            self.examples.append({"file": self.src, "line": row.number, "text": row.text[:120],
+                                  "problem": f"expected {row.expected_columns} columns, got {row.actual_columns}"})
+        return "error" if self.strict else "skip"
+
+
+@contextlib.contextmanager
+def _retried_as_latin1(handler: _BadRows, retry: bool) -> Iterator[None]:
+    """pyarrow cannot give a bad row that is not UTF-8 to the handler: it reports the decoding failure
+    as an "Exception ignored" traceback on stderr and fails the read, which is then retried as
+    latin-1. While ``retry``, that report (and only it) is dropped."""
+    if not retry:
+        yield
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not (unraisable.object is handler and isinstance(unraisable.exc_value, UnicodeDecodeError)):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
+def _bad_row_text(example: dict[str, Any]) -> str:
+    return f"line {example['line']}: {example['problem']} ({example['text'][:60]!r})"
+
+
+# "Row #N" (the line number) is there when the reader runs single-threaded, as ours does.
+_CONVERSION = re.compile(r"CSV column #(\d+): (?:Row #(\d+): )?CSV conversion error to (\w+): invalid value '(.*)'")
+
+
+def _arrow_error(err: pa.ArrowInvalid, src: str, names: list[str] | tuple[str, ...]) -> DataError:
     text = str(err)
     m = _CONVERSION.search(text)
     if m:
-        idx, value = int(m.group(1)), m.group(3)
-        name = header.names[idx] if idx < len(header.names) else f"#{idx}"
+        idx, line, value = int(m.group(1)), m.group(2), m.group(4)
+        name = names[idx] if idx < len(names) else f"#{idx}"
         what = "minutes" if "delay" in name.lower() else "numbers"
-        return DataError(f"{src}: column {name!r} is not numeric (example value {value[:40]!r}); expected {what}")
+        where = f" at line {line}" if line else ""
+        return DataError(f"{src}: column {name!r} is not numeric (example value {value[:40]!r}){where}; "
+                         f"expected {what}")
     return DataError(f"{src}: malformed CSV ({_short(err)})")
 
 
 def _read_file(fs: pafs.FileSystem, path: str, cfg: FlightsData | None, out: _Read, tables: list[pa.Table]) -> None:
     src = _uri(fs, path)
     header = _read_header(fs, path)
-    schema, columns = _detect(header, src, need_label=cfg is not None)
-    plan = _Plan(schema, columns)
+    plan = _detect(header, src, need_label=cfg is not None, cfg=cfg)
+    schema = plan.schema
+    strict = cfg is not None and cfg.bad_rows == "error"
     encodings = [header.encoding] + (["latin-1"] if header.encoding == "utf8" else [])
     for attempt, encoding in enumerate(encodings):
         file_tables: list[pa.Table] = []
         dropped: Counter = Counter()
         relabelled: Counter = Counter()
         rows = 0
+        bad = _BadRows(src, strict)
         try:
-            with _open_bytes(fs, path) as stream:
+            with _retried_as_latin1(bad, attempt + 1 < len(encodings)), _open_bytes(fs, path) as stream:
                 reader = pacsv.open_csv(
                     stream,
-                    read_options=pacsv.ReadOptions(encoding=encoding, block_size=_BLOCK_SIZE),
+                    read_options=plan.read_options(encoding),
+                    parse_options=pacsv.ParseOptions(invalid_row_handler=bad),
                     convert_options=plan.convert_options(),
                 )
                 for batch in reader:
@@ -418,18 +613,28 @@ def _read_file(fs: pafs.FileSystem, path: str, cfg: FlightsData | None, out: _Re
                     if table.num_rows:
                         file_tables.append(table)
         except pa.ArrowInvalid as err:
-            if "invalid UTF8" in str(err) and attempt + 1 < len(encodings):
+            # A parse error our handler did not ask for: pyarrow could not decode the bad row's text
+            # for it (not UTF-8), so the handler never ran. Latin-1 decodes every byte.
+            not_utf8 = "invalid UTF8" in str(err) or (str(err).startswith("CSV parse error") and not bad.count)
+            if not_utf8 and attempt + 1 < len(encodings):
                 logger.info("%s: not valid UTF-8, reading it as latin-1", src)
                 continue
-            raise _arrow_error(err, src, header) from None
+            if strict and bad.count:
+                raise DataError(f"{src}: {_bad_row_text(bad.examples[0])}; data.bad_rows is 'error' "
+                                "('skip' skips such rows up to data.max_bad_row_fraction)") from None
+            raise _arrow_error(err, src, plan.column_names or header.names) from None
         break
     tables.extend(file_tables)
     out.schemas.append(schema.name)
     out.rows_read += rows
     out.dropped.update(dropped)
     out.relabelled.update(relabelled)
-    out.files.append({"path": src, "schema": schema.name, "encoding": encoding, "rows": rows})
-    logger.info("%s: schema %s, %d rows, encoding %s", src, schema.name, rows, encoding)
+    out.bad_rows += bad.count
+    out.bad_examples.extend(bad.examples[:_BAD_EXAMPLES - len(out.bad_examples)])
+    out.files.append({"path": src, "schema": schema.name, "encoding": encoding, "rows": rows,
+                      "header": plan.header, "bad_rows": bad.count})
+    logger.info("%s: schema %s, header %s, %d rows, %d malformed, encoding %s", src, schema.name, plan.header, rows,
+                bad.count, encoding)
 
 
 def _read_error(fs: pafs.FileSystem, file: str, err: BaseException) -> TunepipeError:
@@ -457,6 +662,11 @@ def _read_source(fs: pafs.FileSystem, path: str, cfg: FlightsData | None) -> _Re
             raise
         except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as err:
             raise _read_error(fs, file, err) from None
+    _check_bad_rows(out, cfg or FlightsData())
+    if out.bad_rows:
+        first = out.bad_examples[0]
+        logger.warning("%s: %d malformed row(s) skipped, the first in %s at %s", src, out.bad_rows, first["file"],
+                       _bad_row_text(first))
     if out.rows_read == 0:
         raise _header_only(src)
     if not tables:
@@ -465,6 +675,17 @@ def _read_source(fs: pafs.FileSystem, path: str, cfg: FlightsData | None) -> _Re
     # Zero-copy concatenation: the chunks are only copied once, when prepare orders the rows.
     out.table = pa.concat_tables(tables).unify_dictionaries()
     return out
+
+
+def _check_bad_rows(out: _Read, cfg: FlightsData) -> None:
+    """Skipped rows are fine up to ``data.max_bad_row_fraction`` of all rows; beyond that the file is
+    not what it claims to be (or badly damaged), and guessing further would hide it."""
+    total = out.rows_read + out.bad_rows
+    if out.bad_rows and out.bad_rows > cfg.max_bad_row_fraction * total:
+        first = out.bad_examples[0]
+        raise DataError(f"{first['file']}: {out.bad_rows} of {total} rows are malformed ({out.bad_rows / total:.3%}), "
+                        f"more than data.max_bad_row_fraction={cfg.max_bad_row_fraction:g}; "
+                        f"first at {_bad_row_text(first)}")
 
 
 # --------------------------------------------------------------------------- canonical table
@@ -502,6 +723,10 @@ def _effective_options(cfg: FlightsData) -> dict[str, Any]:
     """Options that change the prepared data (the source location does not; its content does)."""
     opts = cfg.model_dump(mode="json")
     opts.pop("source", None)
+    # How the file was recognised and the bad-row policy change no kept row: the rows themselves are
+    # hashed (and the number skipped, when any). Leaving them out keeps earlier versions' hashes.
+    for name in ("schema", "header", "bad_rows", "max_bad_row_fraction"):
+        opts.pop(name, None)
     if cfg.split == "time":
         opts.pop("seed", None)  # the time split draws nothing at random
     return opts
@@ -610,8 +835,8 @@ def check_source(cfg: FlightsData, source_fs: pafs.FileSystem | None, source_pat
             raise
         except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as err:
             raise _read_error(in_fs, file, err) from None
-        _detect(header, _uri(in_fs, file), need_label=True)
-        any_rows = any_rows or header.has_rows
+        plan = _detect(header, _uri(in_fs, file), need_label=True, cfg=cfg)
+        any_rows = any_rows or header.has_rows or plan.column_names is not None  # headerless: line 1 is a row
     if not any_rows:
         raise _header_only(_uri(in_fs, in_path))
 
@@ -665,8 +890,11 @@ def prepare(
 
     schema_name = "+".join(sorted(set(read.schemas)))
     options = _effective_options(cfg)
-    version = _content_hash(table, {"canonical_version": CANONICAL_VERSION, "options": options,
-                                    "schema": schema_name, "dropped": dropped, "categories": categories})
+    shaped_by = {"canonical_version": CANONICAL_VERSION, "options": options, "schema": schema_name,
+                 "dropped": dropped, "categories": categories}
+    if read.bad_rows:  # only then: a clean file keeps the hash it had before bad rows were counted
+        shaped_by["bad_rows"] = read.bad_rows
+    version = _content_hash(table, shaped_by)
     folder = f"{root.rstrip('/')}/data/{DATASET}/{version}"
     uri = _uri(fs, folder)
 
@@ -693,7 +921,10 @@ def prepare(
         "schema": schema_name,
         "files": read.files[:100],
         "file_count": len(read.files),
+        "header": "; ".join(sorted({f["header"] for f in read.files})),
         "rows_read": read.rows_read,
+        "bad_rows": {"policy": cfg.bad_rows, "max_fraction": cfg.max_bad_row_fraction, "skipped": read.bad_rows,
+                     "examples": read.bad_examples},
         "rows": {name: t.num_rows for name, t in splits.items()},
         "dropped": dropped,
         "labelled_from": {
@@ -782,7 +1013,8 @@ def read_canonical(source_fs: pafs.FileSystem | None, source_path: str) -> tuple
     """Raw flights (any supported schema, no label needed) → canonical feature rows, input order.
 
     For batch scoring: pass the result through ``to_features`` with the model's manifest. Rows
-    without a valid date or scheduled times cannot be scored and are dropped (logged).
+    without a valid date or scheduled times cannot be scored and are dropped (logged), as are
+    malformed rows up to the default ``data.max_bad_row_fraction`` (logged with their line numbers).
 
     Returns:
         The FEATURES columns (categoricals as pandas 'category' of the values present) and the
