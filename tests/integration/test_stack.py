@@ -1,4 +1,4 @@
-"""The real local stack (infra/stack.py): SeaweedFS, MLflow server, Prefect server + worker, Ray head.
+"""The real local stack (infra/stack/): SeaweedFS, MLflow server, Prefect server + worker, Ray head.
 
 One stack is started for the module (the start-up is the expensive part); the tests then check it
 from the outside the way a user would, and the last one stops and restarts it to show that data,
