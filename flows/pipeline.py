@@ -45,22 +45,23 @@ def rename_run(cfg: Pipeline, version: str) -> None:
 
 def run_pipeline(cfg: Pipeline) -> dict[str, Any]:
     warm_up()  # the local Ray comes up while preflight and data preparation run
+    run = stages.for_run()  # the stage tasks with the retry delays of this run's settings
     clock = StageClock()
     with clock("preflight_s"):
-        stages.preflight(cfg)
-        warm = stages.champion_config(cfg)
+        run.preflight(cfg)
+        warm = run.champion_config(cfg)
     cfg = with_warm_start(cfg, warm)
     if warm:
         get_run_logger().info("warm start: the champion's config is tried first")
     with clock("prepare_s"):
-        version = stages.prepare_data(cfg)
+        version = run.prepare_data(cfg)
         rename_run(cfg, version.version)
     # One run at a time writes into an experiment (its name is known once the data version is).
     with stages.experiment_lease(cfg, version):
         with clock("tune_s"):
-            tuning = stages.tune(cfg, version)
+            tuning = run.tune(cfg, version)
         with clock("retrain_s"):
-            retrained = stages.retrain_best(cfg, version, tuning)
+            retrained = run.retrain_best(cfg, version, tuning)
         with clock("register_s"):
-            registry = stages.evaluate_and_register(cfg, version, tuning, retrained)
-    return stages.report(cfg, version, tuning, retrained, registry, clock.total())
+            registry = run.evaluate_and_register(cfg, version, tuning, retrained)
+    return run.report(cfg, version, tuning, retrained, registry, clock.total())

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     # and how long a record stays valid without its holder's heartbeat (renewed every third of it).
     lease_wait_s: float = Field(0.0, ge=0, validation_alias=AliasChoices("TUNEPIPE_LEASE_WAIT_S", "lease_wait_s"))
     lease_ttl_s: float = Field(60.0, gt=0, validation_alias=AliasChoices("TUNEPIPE_LEASE_TTL_S", "lease_ttl_s"))
+    # The base of every stage's retry delays (tasks.stages.with_retry_policy): quick checks wait half of
+    # it, stages that write to S3, MLflow or Ray back off 1, 2, 4 times it (with jitter). Read when a
+    # flow runs, so that a test runs the shipped policy with short delays.
+    retry_delay_s: float = Field(10.0, ge=0, validation_alias=AliasChoices("TUNEPIPE_RETRY_DELAY_S",
+                                                                           "retry_delay_s"))
 
     @property
     def is_s3(self) -> bool:

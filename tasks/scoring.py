@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from prefect.tasks import exponential_backoff
 
 from infra import models as mlmodels
 from infra.settings import get_settings
@@ -51,8 +50,9 @@ def score(source: str, model_name: str, alias: str, ctx: Context) -> dict[str, A
             "output": ctx.storage.to_uri(f"{folder}/{digest}.parquet")}
 
 
-@task(name="batch_score", tags=["tunepipe", "scoring"], retries=3, retry_delay_seconds=exponential_backoff(10),
-      retry_jitter_factor=0.5, retry_condition_fn=_retry_if_transient, timeout_seconds=3600)
+# Retry delays: tasks.stages.with_retry_policy, applied by the flow.
+@task(name="batch_score", tags=["tunepipe", "scoring"], retries=3, retry_jitter_factor=0.5,
+      retry_condition_fn=_retry_if_transient, timeout_seconds=3600)
 def batch_score_task(source: str, model_name: str, alias: str = "champion") -> dict[str, Any]:
     result = score(source, model_name, alias, Context.build(get_settings()))
     get_run_logger().info("scored %d rows from %s with %s v%s → %s", result["rows"], source, result["model"],

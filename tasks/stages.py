@@ -1,7 +1,8 @@
 """Prefect tasks: one per stage, each a thin wrapper over ``tasks.workloads``.
 
-Every task has retries with exponential backoff and jitter, a timeout and tags. Bad input
-(``TunepipeError`` that is not ``retryable``) is never retried: it will not get better. Tasks
+Every task has retries, a timeout and tags; its retry delays (exponential backoff or a short fixed
+wait, with jitter) are applied when a flow runs (``for_run``), scaled by ``TUNEPIPE_RETRY_DELAY_S``.
+Bad input (``TunepipeError`` that is not ``retryable``) is never retried: it will not get better. Tasks
 whose output is fully determined by their inputs are cached on those inputs (data version,
 config hash, storage and tracking location) with persisted results, so re-running a failed
 flow skips finished stages; the tune stage additionally resumes its Ray experiment.
@@ -11,20 +12,21 @@ from __future__ import annotations
 
 import glob
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import Task, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.tasks import exponential_backoff
 
 from infra import lease
-from infra.settings import get_settings
+from infra.settings import Settings, get_settings
 from tasks import workloads as wl
 from tuning_core.config import config_hash
 from tuning_core.errors import TunepipeError
@@ -93,15 +95,49 @@ def _retrain_key(ctx, params: dict[str, Any]) -> str:
 COMMON = dict(retry_jitter_factor=0.5, retry_condition_fn=_retry_if_transient)
 
 
-@task(name="preflight", tags=["tunepipe", "preflight"], retries=2, retry_delay_seconds=5, timeout_seconds=300,
-      **COMMON)
+def _backoff(retries: int) -> list[float]:
+    return [2.0 ** i for i in range(retries)]
+
+
+def _quick(retries: int) -> list[float]:
+    return [0.5] * retries
+
+
+# Each task's retry delays in units of ``Settings.retry_delay_s`` (10 s by default), by task name: checks
+# and the report wait a moment, stages that write to S3, MLflow or Ray back off 1, 2, 4 units.
+DELAY_UNITS: dict[str, Callable[[int], list[float]]] = {
+    "preflight": _quick, "champion_config": _quick, "prepare_data": _backoff, "tune": _backoff,
+    "retrain_best": _backoff, "evaluate_and_register": _backoff, "report": _quick, "batch_score": _backoff,
+}
+
+
+def with_retry_policy(stage: Task, settings: Settings) -> Task:
+    """``stage`` with its retry delays for ``settings``, keeping its retry count.
+
+    Applied when a flow runs, not in the ``@task`` decorators: those are evaluated at import, and the
+    delays must follow the environment of the run (a test runs this policy with short delays).
+    """
+    units = DELAY_UNITS.get(stage.name, _backoff)(stage.retries)
+    return stage.with_options(retry_delay_seconds=[u * settings.retry_delay_s for u in units] or 0)
+
+
+def for_run(settings: Settings | None = None) -> SimpleNamespace:
+    """The stage tasks of this module (as they are now: a test may have replaced one) with the retry
+    policy of ``settings``, by default the environment's, read now."""
+    settings = settings or get_settings()
+    return SimpleNamespace(**{name: with_retry_policy(globals()[name], settings)
+                              for name in ("preflight", "champion_config", "prepare_data", "tune", "retrain_best",
+                                           "evaluate_and_register", "report")})
+
+
+@task(name="preflight", tags=["tunepipe", "preflight"], retries=2, timeout_seconds=300, **COMMON)
 def preflight(cfg: wl.Pipeline) -> None:
     """Check config, storage and tracking before anything is written."""
     wl.preflight(cfg, _ctx())
 
 
-@task(name="prepare_data", tags=["tunepipe", "data"], retries=3, retry_delay_seconds=exponential_backoff(10),
-      timeout_seconds=3600, cache_key_fn=_prepare_key, persist_result=True, **COMMON)
+@task(name="prepare_data", tags=["tunepipe", "data"], retries=3, timeout_seconds=3600,
+      cache_key_fn=_prepare_key, persist_result=True, **COMMON)
 def prepare_data(cfg: wl.Pipeline) -> DataVersion:
     version = wl.prepare(cfg, _ctx())
     create_table_artifact(key=f"{cfg.workload}-data-report", table=version.report_rows(),
@@ -110,8 +146,8 @@ def prepare_data(cfg: wl.Pipeline) -> DataVersion:
     return version
 
 
-@task(name="tune", tags=["tunepipe", "ray-tune"], retries=2, retry_delay_seconds=exponential_backoff(10),
-      timeout_seconds=6 * 3600, cache_key_fn=_tune_key, persist_result=True, **COMMON)
+@task(name="tune", tags=["tunepipe", "ray-tune"], retries=2, timeout_seconds=6 * 3600,
+      cache_key_fn=_tune_key, persist_result=True, **COMMON)
 def tune(cfg: wl.Pipeline, version: DataVersion) -> TuningResult:
     logger = get_run_logger()
     artifact = create_progress_artifact(0.0, key=f"{cfg.workload}-tuning-progress",
@@ -130,16 +166,15 @@ def tune(cfg: wl.Pipeline, version: DataVersion) -> TuningResult:
     return result
 
 
-@task(name="retrain_best", tags=["tunepipe", "retrain"], retries=2, retry_delay_seconds=exponential_backoff(10),
-      timeout_seconds=3 * 3600, cache_key_fn=_retrain_key, persist_result=True, **COMMON)
+@task(name="retrain_best", tags=["tunepipe", "retrain"], retries=2, timeout_seconds=3 * 3600,
+      cache_key_fn=_retrain_key, persist_result=True, **COMMON)
 def retrain_best(cfg: wl.Pipeline, version: DataVersion, tuning: TuningResult) -> RetrainResult:
     result = wl.retrain(cfg, _ctx(), version, tuning)
     get_run_logger().info("retrained: test %s, default %s", result.test_metrics, result.baseline_test_metrics)
     return result
 
 
-@task(name="evaluate_and_register", tags=["tunepipe", "registry"], retries=3,
-      retry_delay_seconds=exponential_backoff(10), timeout_seconds=1800, **COMMON)
+@task(name="evaluate_and_register", tags=["tunepipe", "registry"], retries=3, timeout_seconds=1800, **COMMON)
 def evaluate_and_register(cfg: wl.Pipeline, version: DataVersion, tuning: TuningResult,
                           retrained: RetrainResult) -> RegistryResult:
     result = wl.register(cfg, _ctx(), version, tuning, retrained)
@@ -147,7 +182,7 @@ def evaluate_and_register(cfg: wl.Pipeline, version: DataVersion, tuning: Tuning
     return result
 
 
-@task(name="report", tags=["tunepipe", "report"], retries=2, retry_delay_seconds=5, timeout_seconds=600, **COMMON)
+@task(name="report", tags=["tunepipe", "report"], retries=2, timeout_seconds=600, **COMMON)
 def report(cfg: wl.Pipeline, version: DataVersion, tuning: TuningResult, retrained: RetrainResult,
            registry: RegistryResult, timings: dict[str, float] | None = None) -> dict[str, Any]:
     summary = wl.summary(cfg, version, tuning, retrained, registry, _ctx(), timings)
@@ -166,6 +201,6 @@ def experiment_lease(cfg: wl.Pipeline, version: DataVersion) -> lease.Experiment
     return lease.experiment_lease(ctx.storage, ctx.settings, wl.experiment_for(cfg, version), flow_run_id=flow_run.id)
 
 
-@task(name="champion_config", tags=["tunepipe", "registry"], retries=2, retry_delay_seconds=5, **COMMON)
+@task(name="champion_config", tags=["tunepipe", "registry"], retries=2, **COMMON)
 def champion_config(cfg: wl.Pipeline) -> list[dict[str, Any]] | None:
     return wl.champion_warm_start(cfg, _ctx())

@@ -35,6 +35,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from tests.conftest import ASA_SAMPLE, free_port
+from tests.faults import failing
 from tuning_core.config import FlightsData, FlightsPipeline, RegistryConfig, TuneConfig
 
 pytestmark = pytest.mark.slow
@@ -109,11 +110,11 @@ def test_trial_crashing_twice_resumes_from_its_checkpoints_and_every_trial_compl
     data = {s: flights.load_split(LOCAL, version.path, s) for s in ("train", "valid")}
     marker = tmp_path / "crashes"
     # The first trial to checkpoint crashes right after it (round 2), and again after the next one (round 4).
-    space = {**SPACE, "_fail_once_marker": str(marker), "_fail_times": 2, "_fail_after_checkpoint": True}
-    cfg = small_cfg("x", space=space, max_failures=2).tune
+    cfg = small_cfg("x", max_failures=2).tune
     seen = _Seen()
 
-    result = run_tuning(train_xgboost, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "crash-twice",
+    trainable = failing(train_xgboost, marker, times=2, after_checkpoint=True)
+    result = run_tuning(trainable, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "crash-twice",
                         callbacks=[seen])
 
     assert marker.read_text() == "2"
@@ -279,7 +280,6 @@ def test_s3_down_while_writing_a_data_version_is_retried_and_no_half_version_is_
     from flows.flights import flights_tuning
     from infra.settings import get_settings
     from infra.storage import s3_filesystem
-    from tasks import stages
     from tuning_core.versioning import version_exists
 
     bucket = s3_settings.storage.removeprefix("s3://").split("/")[0]
@@ -305,8 +305,10 @@ def test_s3_down_while_writing_a_data_version_is_retried_and_no_half_version_is_
     proxy = FlakyProxy(s3_settings.s3_endpoint_url, b"valid.parquet", down_s=10, on_recover=on_recover)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
     monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)
+    # The shipped policy (3 retries, backing off 1, 2, 4 base delays with jitter) on a 3 s base: at least
+    # 0.63 * 21 s of waiting in all, past the 10 s outage.
+    monkeypatch.setenv("TUNEPIPE_RETRY_DELAY_S", "3")
     get_settings.cache_clear()
-    monkeypatch.setattr(stages, "prepare_data", stages.prepare_data.with_options(retries=10, retry_delay_seconds=2))
     try:
         state = flights_tuning(small_cfg("fault-s3"), return_state=True)
     finally:
@@ -373,7 +375,7 @@ class MlflowServer:
 def test_tracking_server_down_at_registration_is_retried_and_registers_once(env, tmp_path, monkeypatch):
     from flows.flights import flights_tuning
     from infra.settings import get_settings
-    from tasks import stages, workloads
+    from tasks import workloads
 
     server = MlflowServer(tmp_path / "mlflow")
     server.start()
@@ -390,9 +392,7 @@ def test_tracking_server_down_at_registration_is_retried_and_registers_once(env,
             restart.start()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(workloads, "register", register)
-    monkeypatch.setattr(stages, "evaluate_and_register",
-                        stages.evaluate_and_register.with_options(retries=12, retry_delay_seconds=5))
+    monkeypatch.setattr(workloads, "register", register)  # with the shipped retry policy and its 10 s base
     try:
         state = flights_tuning(small_cfg("fault-mlflow"), return_state=True)
         summary = state.result()

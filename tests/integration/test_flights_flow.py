@@ -80,27 +80,6 @@ def test_flow_end_to_end_registers_champion_and_is_idempotent(env):
     assert len(trial_runs) == 3
 
 
-def test_stage_that_fails_once_is_retried(env, monkeypatch):
-    from flows.flights import flights_tuning
-    from tasks import stages, workloads
-
-    calls = {"n": 0}
-    real = workloads.register
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise ConnectionError("registry briefly unavailable")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(workloads, "register", flaky)
-    monkeypatch.setattr(stages, "evaluate_and_register", stages.evaluate_and_register.with_options(
-        retry_delay_seconds=1))
-    summary = flights_tuning(small_cfg(model="flow-retry"))
-    assert calls["n"] == 2
-    assert summary["registry"]["version"] == "1"
-
-
 def _finished_trials(root) -> dict[str, int]:
     """trial folder → number of results, for trials TERMINATED in the newest saved experiment state.
 
