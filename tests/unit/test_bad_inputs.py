@@ -220,6 +220,13 @@ CASES: dict[str, Case] = {
                                   "bucket 'no-such-source-tp' does not exist", s3="moto"),
     "wrong S3 credentials": Case(run_flights(lambda tmp: "s3://{bucket}/root", option="--storage"),
                                  "denied; check the S3 credentials", s3="moto-auth"),
+    # The data stage's own checks with an S3 storage root: nothing lands in the bucket either.
+    "non-numeric delays, S3 root": Case(
+        lambda tmp: ["prepare", "flights", "--data", _file("late.csv", _asa_with(30, "ArrDelay", "late"))(tmp),
+                     "--storage", "s3://{bucket}/root"], "column 'ArrDelay' is not numeric", s3="moto"),
+    "too many malformed rows, S3 root": Case(
+        lambda tmp: ["prepare", "flights", "--data", _file("ragged.csv", _asa_cut(10, 11, 12))(tmp),
+                     "--storage", "s3://{bucket}/root"], "more than data.max_bad_row_fraction", s3="moto"),
     "unreachable MLflow": Case(run_flights(lambda tmp: str(ASA_SAMPLE)), "unreachable",
                                env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"}),
 }
@@ -242,22 +249,31 @@ def restored_process_state():
 
 
 def _written(storage: str, settings) -> list[str]:
-    """Data-version manifests and Ray experiment files under the storage root."""
+    """Every object under the storage root, locally or on S3: data versions (finished or not), Ray
+    experiments, MLflow artifacts, predictions and experiment leases alike."""
     from infra.storage import filesystem_for
 
     fs, root = filesystem_for(storage, settings)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    rel = [i.path.removeprefix(root).lstrip("/") for i in infos if i.type == pafs.FileType.File]
-    return [p for p in rel if p.startswith("ray/") or (p.startswith("data/") and p.endswith("manifest.json"))]
+    return [i.path.removeprefix(root).lstrip("/") for i in infos if i.type == pafs.FileType.File]
 
 
-def _model_versions(db: Path) -> list:
+def _mlflow_written(db: Path) -> list[str]:
+    """What the MLflow store holds beyond a new store's Default experiment: experiments (deleted ones
+    too), runs, registered models and their versions."""
     if not db.exists():
         return []
     from mlflow import MlflowClient
+    from mlflow.entities import ViewType
 
     uri = f"sqlite:///{db}"
-    return MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiments = client.search_experiments(view_type=ViewType.ALL)
+    runs = client.search_runs([e.experiment_id for e in experiments], run_view_type=ViewType.ALL)
+    return ([f"experiment {e.name}" for e in experiments if e.name != "Default"] +
+            [f"run {r.info.run_id}" for r in runs] +
+            [f"model {m.name}" for m in client.search_registered_models()] +
+            [f"model version {v.name} v{v.version}" for v in client.search_model_versions()])
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -295,4 +311,4 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(name, tmp_path, loca
     assert result.stdout == ""
     if not storage.endswith("//"):  # a malformed URI names no place to look
         assert _written(storage, Settings()) == []
-    assert _model_versions(tmp_path / "mlflow.db") == []
+    assert _mlflow_written(tmp_path / "mlflow.db") == []
