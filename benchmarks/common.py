@@ -150,7 +150,8 @@ def local_ray(num_cpus: int = 2) -> Iterator[float]:
     if ray.is_initialized():
         raise RuntimeError("benchmarks start their own local Ray; one is already initialised in this process")
     t0 = time.perf_counter()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     init_s = time.perf_counter() - t0
     try:
         yield init_s

@@ -8,11 +8,13 @@ expose the same interface, which is what lets one DAG serve them all.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,17 +205,22 @@ def tune(cfg: Pipeline, ctx: Context, version: DataVersion,
             "data_key": version.version}
     name = experiment_for(cfg, version)
     tracker = ctx.tracker()
-    parent = parent_run(cfg, ctx, version, name, tracker)
+
     def fan_out(event: dict[str, Any]) -> None:
         for listener in [progress, *PROGRESS_LISTENERS]:
             if listener is not None:
                 listener(event)
 
-    with ray_session(ctx.settings, ctx.storage):
-        keyless = ctx.storage.is_s3 and workers_hold_keys(ctx.settings)
-        fs = ctx.storage.fs_for_ray(ctx.settings) if keyless else ctx.storage.fs
-        result = run_tuning(trainable, data, space, tune_cfg, fs, ctx.storage.path("ray"), name,
-                            progress=fan_out, uri_prefix="s3://" if ctx.storage.is_s3 else "")
+    # The MLflow parent run is written while Ray starts the trials (the driver mostly waits then);
+    # in the flow's context, so that it is tagged with the flow run.
+    with ThreadPoolExecutor(1, thread_name_prefix="tunepipe-mlflow") as pool:
+        parent_future = pool.submit(contextvars.copy_context().run, parent_run, cfg, ctx, version, name, tracker)
+        with ray_session(ctx.settings, ctx.storage):
+            keyless = ctx.storage.is_s3 and workers_hold_keys(ctx.settings)
+            fs = ctx.storage.fs_for_ray(ctx.settings) if keyless else ctx.storage.fs
+            result = run_tuning(trainable, data, space, tune_cfg, fs, ctx.storage.path("ray"), name,
+                                progress=fan_out, uri_prefix="s3://" if ctx.storage.is_s3 else "")
+        parent = parent_future.result()
     mutated = []
     if tune_cfg.scheduler == "pbt":
         from tuning_core.schedulers import pbt_mutations

@@ -42,6 +42,9 @@ def ray_local():
     """One local Ray for the whole session; only shut down because this fixture started it."""
     import ray
 
+    from infra.ray_cluster import wait_for_shutdown
+
+    wait_for_shutdown()  # a flow's own local Ray may still be stopping in the background
     started = False
     if not ray.is_initialized():
         # address="local": never join a `ray start` cluster some other test left recorded in /tmp/ray.

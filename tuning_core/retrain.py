@@ -16,7 +16,7 @@ import pandas as pd
 
 from tuning_core.errors import ConfigError
 from tuning_core.evaluate import binary_metrics, confusion, confusion_png, roc_png
-from tuning_core.trainables.xgboost import LABEL, fit_booster, load_booster, split_xy
+from tuning_core.trainables.xgboost import LABEL, fit_booster, import_xgboost, load_booster, split_xy
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,7 @@ def scaled_rounds(best_iteration: int, n_train: int, n_valid: int) -> int:
 
 
 def predict_xgboost(booster: Any, frame: pd.DataFrame) -> np.ndarray:
-    import xgboost as xgb
-
+    xgb = import_xgboost()
     x = frame.drop(columns=[LABEL], errors="ignore")
     return booster.predict(xgb.DMatrix(x, enable_categorical=True))
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 _CHILD = textwrap.dedent("""
     import ray
-    from infra.ray_cluster import ray_session, start_in_background
+    from infra.ray_cluster import ray_session, start_in_background, wait_for_shutdown
     from infra.settings import Settings
     from infra.storage import build_storage
 
@@ -25,6 +25,7 @@ _CHILD = textwrap.dedent("""
     with ray_session(settings, storage) as where:
         assert ray.cluster_resources().get("CPU") == 1.0, ray.cluster_resources()
         print("session", where, ray.get(ray.remote(lambda: 41 + 1).remote()))
+    wait_for_shutdown()
     assert not ray.is_initialized(), "the session started this Ray: it must shut it down"
 """)
 

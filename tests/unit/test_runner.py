@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from tests.conftest import ASA_SAMPLE, ROOT
+from tests.faults import failing
 from tuning_core.config import FlightsData, ParamSpec, TuneConfig, build_config
 from tuning_core.data import flights
 from tuning_core.errors import ConfigError
@@ -228,9 +229,8 @@ def test_pbt_exploits_and_xgboost_continues_from_the_cloned_checkpoint(ray_local
 
 def test_failing_trial_is_retried_and_completes(ray_local, data, tmp_path):
     marker = tmp_path / "failed-once"
-    space = {**RANGE_SPACE, "_fail_once_marker": str(marker)}
-    cfg = tune_cfg(num_samples=1, max_iterations=4, max_failures=1, space=space)
-    result = run_tuning(train_xgboost, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "fault")
+    cfg = tune_cfg(num_samples=1, max_iterations=4, max_failures=1)
+    result = run_tuning(failing(train_xgboost, marker), data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "fault")
     assert marker.exists()  # the first attempt did raise
     (trial,) = result.trials
     assert trial.status == "TERMINATED"
@@ -242,10 +242,10 @@ def test_failing_trial_is_retried_and_completes(ray_local, data, tmp_path):
 
 def test_trial_failing_beyond_max_failures_is_reported_not_hidden(ray_local, data, tmp_path):
     # max_failures=0: the injected failure is final; with no trial reporting, the run is an error.
-    space = {**RANGE_SPACE, "_fail_once_marker": str(tmp_path / "m")}
-    cfg = tune_cfg(num_samples=1, max_iterations=3, max_failures=0, space=space)
+    cfg = tune_cfg(num_samples=1, max_iterations=3, max_failures=0)
     with pytest.raises(RuntimeError) as err:
-        run_tuning(train_xgboost, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "fault-final")
+        run_tuning(failing(train_xgboost, tmp_path / "m"), data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"),
+                   "fault-final")
     # One readable line naming the trial's own exception (not Ray's task header with colour codes).
     msg = str(err.value)
     assert "no trial reported 'auc' (first error: RuntimeError: injected trial failure" in msg, msg
@@ -478,6 +478,9 @@ def test_s3_experiment_is_written_to_the_bucket_and_resumed(ray_local, data, s3_
 def test_bad_config_fails_before_anything_starts(data, tmp_path, update, space, match):
     import ray
 
+    from infra.ray_cluster import wait_for_shutdown
+
+    wait_for_shutdown()
     was_running = ray.is_initialized()
     # model_copy skips validation: run_tuning itself must refuse (configs can be built in code).
     cfg = tune_cfg(space=space).model_copy(update=update)
