@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import FASHION_SAMPLE
+from tests.faults import failing
 from tuning_core.config import FashionData
 from tuning_core.data import idx
 from tuning_core.errors import ConfigError
@@ -60,10 +61,11 @@ class _Recorder:
         return Recorder()
 
 
-def _tuner(tmp_path: Path, splits: dict, param_space: dict, scheduler, recorder, name: str, max_failures: int = 0):
+def _tuner(tmp_path: Path, splits: dict, param_space: dict, scheduler, recorder, name: str, max_failures: int = 0,
+           trainable=train_fashion):
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(train_fashion, train=splits["train"], valid=splits["valid"]),
+    trainable = tune.with_resources(tune.with_parameters(trainable, train=splits["train"], valid=splits["valid"]),
                                     {"cpu": 1})
     return tune.Tuner(
         trainable,
@@ -167,10 +169,11 @@ def test_failed_trial_resumes_from_its_checkpoint_instead_of_restarting(ray_loca
     from ray.tune.schedulers import FIFOScheduler
 
     marker = tmp_path / "fail-once"
-    space = {**BASE, "_max_iterations": 3, "_checkpoint_every": 1, "_fail_once_marker": str(marker),
-             "_fail_after_checkpoint": True}
+    space = {**BASE, "_max_iterations": 3, "_checkpoint_every": 1}
     recorder = _Recorder()
-    grid = _tuner(tmp_path, splits, space, FIFOScheduler(), recorder, "retry", max_failures=1).fit()
+    trainable = failing(train_fashion, marker, after_checkpoint=True)
+    grid = _tuner(tmp_path, splits, space, FIFOScheduler(), recorder, "retry", max_failures=1,
+                  trainable=trainable).fit()
     assert marker.exists(), "the injected failure did not fire"
     assert not grid.errors
     rows = recorder.rows

@@ -14,7 +14,6 @@ reports at decision points (rung boundaries: where a trial may be stopped or clo
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 # Keys of the trial config that steer the trial itself rather than the model.
-CONTROL_KEYS = ("_fail_once_marker", "_fail_times", "_fail_after_checkpoint", "_checkpoint_every", "_max_iterations",
-                "_report_at")
+CONTROL_KEYS = ("_checkpoint_every", "_max_iterations", "_report_at")
 
 
 def model_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -72,23 +70,6 @@ def restored_state() -> Iterator[Path | None]:
         return
     with ckpt.as_directory() as folder:
         yield Path(folder)
-
-
-def maybe_fail_once(config: dict[str, Any]) -> None:
-    """Fault injection for tests: raise ``_fail_times`` times (default once) per marker file.
-
-    Enabled only when the config carries ``_fail_once_marker`` (a path). The file counts the
-    failures so far (an empty file counts one); once it reaches ``_fail_times``, attempts carry on.
-    Every trial naming the same file shares the count.
-    """
-    marker = config.get("_fail_once_marker")
-    if not marker:
-        return
-    times = int(config.get("_fail_times", 1))
-    done = int(Path(marker).read_text().strip() or 1) if os.path.exists(marker) else 0
-    if done < times:
-        Path(marker).write_text(str(done + 1))
-        raise RuntimeError(f"injected trial failure {done + 1}/{times} (marker {marker})")
 
 
 _NODE_ID: list[str] = []

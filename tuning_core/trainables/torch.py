@@ -250,16 +250,11 @@ def train_fashion(config: dict[str, Any], train: tuple, valid: tuple, data_key: 
 
     Args:
         config: lr, momentum, batch_size, weight_decay, model, width, precision, optional dropout/hidden/seed,
-            and the runner's control keys (_max_iterations, _checkpoint_every; for fault-injection
-            tests _fail_once_marker, _fail_times, _fail_after_checkpoint, see ``common.maybe_fail_once``).
+            and the runner's control keys (_max_iterations, _checkpoint_every, _report_at).
         train: (images N×1×H×W float32, labels int64).
         valid: same shape as ``train``.
         data_key: the data version; the actor then keeps the splits' tensors from one trial to the next.
     """
-    # Fault injection (tests): at start by default, or after a checkpoint so the retry resumes from it.
-    fail_after_checkpoint = bool(config.get("_fail_after_checkpoint"))
-    if not fail_after_checkpoint:
-        common.maybe_fail_once(config)
     params = _with_defaults(config)
     max_epochs = int(config.get("_max_iterations", 10))
     cadence = common.Cadence.of(config, default_every=1)
@@ -308,9 +303,7 @@ def train_fashion(config: dict[str, Any], train: tuple, valid: tuple, data_key: 
         def save(folder: Path, epoch: int = epoch) -> None:
             _save(folder, model, optimizer, epoch, spec, trial_id)
 
-        saved = common.report(metrics, iteration=epoch, cadence=cadence, save=save)
-        if fail_after_checkpoint and saved and epoch < max_epochs:
-            common.maybe_fail_once(config)
+        common.report(metrics, iteration=epoch, cadence=cadence, save=save)
 
 
 def fit_final(config: dict[str, Any], train: tuple, epochs: int, seed: int = 0) -> nn.Module:
