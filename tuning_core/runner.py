@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 from tuning_core.config import ParamSpec, Scalar, TuneConfig
 from tuning_core.errors import ConfigError
 from tuning_core.results import TrialRecord, TuningResult
-from tuning_core.schedulers import create_scheduler, report_cadence
+from tuning_core.schedulers import DECISION_POINTS, create_scheduler, report_cadence
 from tuning_core.search import build_space, create_searcher
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def run_tuning(
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 # Ray always keeps the latest checkpoint too, so a crashed trial resumes from it.
                 # PBT clones another trial's checkpoint later on; pruning can delete it first.
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=None if cfg.scheduler == "pbt" else 2,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=_checkpoints_to_keep(cfg),
                                                         checkpoint_score_attribute=cfg.metric,
                                                         checkpoint_score_order=cfg.mode),
                 stop=_stopper(cfg), callbacks=[*cbs, *_file_loggers()], verbose=0,
@@ -259,6 +259,22 @@ def run_tuning(
     wall = time.monotonic() - started
     live_rows = cbs[0].inner.rows
     return _collect(grid, cfg, name, uri_prefix + exp_path, resumed, wall, storage_fs, exp_path, live_rows)
+
+
+def _checkpoints_to_keep(cfg: TuneConfig) -> int | None:
+    """How many checkpoints each trial keeps: all of them under PBT (it clones others' later on),
+    else as many as the trial's cadence writes, between 2 and 8.
+
+    Ray snapshots the whole experiment state (searcher included) whenever a trial has written
+    ``num_to_keep`` checkpoints since the last snapshot; ASHA trials checkpoint at rungs 1, 3 and 9
+    within a fraction of a second, so a keep of 2 forced a snapshot every few results.
+    """
+    if cfg.scheduler == "pbt":
+        return None
+    _, every = report_cadence(cfg)
+    points = DECISION_POINTS[cfg.scheduler](cfg) or frozenset()
+    writes = {i for i in range(every, cfg.max_iterations + 1, every)} | set(points) | {cfg.max_iterations}
+    return max(2, min(8, len(writes)))
 
 
 def _check_a_node_fits(cfg: TuneConfig) -> None:
