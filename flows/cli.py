@@ -326,11 +326,11 @@ def run_fashion(data: str | None = DATA, config: Path | None = CONFIG, storage: 
     from flows.fashion_mnist import fashion_mnist_tuning
     from tuning_core.errors import ConfigError
 
-    if importlib.util.find_spec("torch") is None:  # the optional [torch] extra; the flights side never needs it
-        raise ConfigError("fashion-mnist needs torch, which is not installed: pip install 'tunepipe[torch]'")
     _set_storage(storage)
     _set_lease_wait(wait_lease)
     cfg = _config(FashionPipeline, config, {}, _overrides(**locals()))
+    if importlib.util.find_spec("torch") is None:  # the optional [torch] extra; the flights side never needs it
+        raise ConfigError("fashion-mnist needs torch, which is not installed: pip install 'tunepipe[torch]'")
     _run(fashion_mnist_tuning, cfg, summary_json, check)
 
 
