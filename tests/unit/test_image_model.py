@@ -15,6 +15,8 @@ from tests.conftest import FASHION_SAMPLE
 from tuning_core.config import FashionData
 from tuning_core.data import idx
 
+pytest.importorskip("torch")  # the [torch] extra (`make test-py313` runs without it)
+
 LOCAL = pafs.LocalFileSystem()
 
 

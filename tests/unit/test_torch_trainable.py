@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
-import torch
 
 from tests.conftest import FASHION_SAMPLE
 from tests.faults import failing
 from tuning_core.config import FashionData
 from tuning_core.data import idx
 from tuning_core.errors import ConfigError
+
+torch = pytest.importorskip("torch")  # the [torch] extra (`make test-py313` runs without it)
+
 from tuning_core.models.cnn import MODELS, build_model
 from tuning_core.trainables.torch import (
     evaluate,
@@ -78,6 +80,12 @@ def _tuner(tmp_path: Path, splits: dict, param_space: dict, scheduler, recorder,
 
 
 # --------------------------------------------------------------------------- models
+
+
+def test_the_torch_free_copy_of_the_model_names_matches_the_model_table():
+    from tuning_core.models import MODEL_NAMES  # what configs, the CLI and the form offer without torch
+
+    assert MODEL_NAMES == tuple(MODELS)
 
 
 def test_models_map_one_by_28x28_images_to_ten_logits():
