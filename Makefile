@@ -1,18 +1,30 @@
 # Both entry points create/refresh the virtualenv themselves (torch's CPU build first, so the
-# project's "torch>=2.13.0" is already satisfied and pip does not pull a multi-GB CUDA build).
+# [torch] extra's "torch>=2.13.0" is already satisfied and pip does not pull a multi-GB CUDA build).
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test test-unit lint bench stack-up stack-down clean
+# `make test-py313`: the flights side on the newest supported Python, in a virtualenv without torch.
+# python3.13 from PATH, else pyenv's (its shim answers only while 3.13 is an active pyenv version).
+PY313 ?= $(or $(shell python3.13 -c 'import sys; print(sys.executable)' 2>/dev/null),$(shell PYENV_VERSION=3.13 pyenv which python3.13 2>/dev/null),python3.13)
+VENV313 := .venv313
+STAMP313 := $(VENV313)/.installed
+
+.PHONY: venv run test test-unit test-py313 lint bench stack-up stack-down clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[torch,dev]'
 	touch $(STAMP)
+
+$(STAMP313): pyproject.toml Makefile
+	test -x $(VENV313)/bin/python || $(PY313) -m venv $(VENV313)
+	$(VENV313)/bin/python -m pip install -q --upgrade pip
+	$(VENV313)/bin/python -m pip install -q -e '.[dev]'
+	touch $(STAMP313)
 
 venv: $(STAMP)
 
@@ -25,6 +37,14 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+# The unit tests on Python 3.13 without torch: the torch ones skip (pytest.importorskip), the flights ones
+# and tests/unit/test_packaging.py (flights imports no torch; fashion-mnist says in one line to install it) run.
+test-py313: $(STAMP313)
+	@if $(VENV313)/bin/python -c 'import torch' 2>/dev/null; then \
+	  echo "$(VENV313) has torch: the flights side must install without it" >&2; exit 1; fi
+	$(VENV313)/bin/python -m pytest tests/unit $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -39,4 +59,4 @@ stack-down: $(STAMP)
 	$(BIN)/tunepipe stack down
 
 clean:
-	rm -rf $(VENV) .tunepipe .pytest_cache
+	rm -rf $(VENV) $(VENV313) .tunepipe .pytest_cache
