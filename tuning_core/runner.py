@@ -49,11 +49,25 @@ class SearchPlan:
     scheduler: Any
 
 
+# The plan a preflight built and nobody used yet (one slot): run_tuning takes it instead of building
+# the same objects again, so a CLI run (its own preflight, the flow's, the tune stage) builds each once.
+_UNUSED: dict[str, SearchPlan] = {}
+
+
+def _plan_key(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> str:
+    entries = {k: v.model_dump() if isinstance(v, ParamSpec) else v for k, v in space.items()}
+    return json.dumps([cfg.model_dump(mode="json"), entries], sort_keys=True, default=str)
+
+
 def plan_search(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> SearchPlan:
     """Build the space, searcher and scheduler, failing with a ConfigError before Ray starts.
 
-    ``run_tuning`` hands these very objects to the Tuner: building them is the check, so it is done once.
+    ``run_tuning`` hands these very objects to the Tuner: building them is the check, so it is done
+    once (a plan that ``validate`` built for the same config is taken, not built again).
     """
+    unused = _UNUSED.pop(_plan_key(cfg, space), None)
+    if unused is not None:
+        return unused
     param_space = build_space(space, cfg.search)
     plan = SearchPlan(param_space, create_searcher(cfg, param_space), create_scheduler(cfg, space))
     if cfg.search == "grid" and cfg.num_samples != 1:
@@ -62,8 +76,16 @@ def plan_search(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> Search
 
 
 def validate(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> dict[str, Any]:
-    """Check the space, searcher and scheduler before Ray starts (preflight); returns the Ray param space."""
-    return plan_search(cfg, space).param_space
+    """Check the space, searcher and scheduler before Ray starts (preflight); returns the Ray param space.
+
+    The plan is kept for ``run_tuning`` of the same config in this process (a second check reuses it too).
+    """
+    key = _plan_key(cfg, space)
+    if key not in _UNUSED:
+        plan = plan_search(cfg, space)
+        _UNUSED.clear()
+        _UNUSED[key] = plan
+    return _UNUSED[key].param_space
 
 
 def _driver_callbacks(cfg: TuneConfig, progress: Progress | None, extra: list[Any] | None) -> list[Any]:

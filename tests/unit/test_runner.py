@@ -166,6 +166,7 @@ def test_another_seed_proposes_other_configs(tuned, data, ray_dir):
 
 def test_one_run_builds_its_searcher_and_scheduler_once_and_tunes_with_them(ray_local, data, tmp_path,
                                                                              monkeypatch):
+    from tuning_core.runner import validate
     from tuning_core.schedulers import SCHEDULERS
     from tuning_core.search import SEARCHERS
 
@@ -180,11 +181,16 @@ def test_one_run_builds_its_searcher_and_scheduler_once_and_tunes_with_them(ray_
     monkeypatch.setitem(SEARCHERS, "hyperopt", counting("searcher", SEARCHERS["hyperopt"]))
     monkeypatch.setitem(SCHEDULERS, "asha", counting("scheduler", SCHEDULERS["asha"]))
     cfg = tune_cfg(search="hyperopt", scheduler="asha", num_samples=2, max_iterations=2)
+    # As a CLI run does: its own preflight, the flow's preflight, then the tune stage.
+    assert validate(cfg, cfg.space) == validate(cfg, cfg.space)
     result = run_tuning(train_xgboost, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "built-once")
     assert result.num_trials == 2
     assert [len(built["searcher"]), len(built["scheduler"])] == [1, 1]
     # The one searcher built is the one that proposed the trials (TPE saw their results).
     assert len(built["searcher"][0].searcher._hpopt_trials.trials) == 2  # noqa: SLF001
+    # Used plans are not handed out again: a second run builds its own.
+    run_tuning(train_xgboost, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray2"), "built-again")
+    assert [len(built["searcher"]), len(built["scheduler"])] == [2, 2]
 
 
 @pytest.mark.parametrize("scheduler", ["hyperband", "median"])
