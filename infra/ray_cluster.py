@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from infra.ray_watchdog import watch_local_node
 from infra.settings import Settings
 from infra.storage import Storage
 from tuning_core.errors import ConfigError
@@ -208,7 +209,9 @@ def ray_session(settings: Settings, storage: Storage, num_cpus: int | None = Non
                 "multi-node tuning needs shared storage: set TUNEPIPE_STORAGE=s3://bucket/prefix"
             )
         log.info("Ray: %s, %d node(s), %s CPUs", where, len(alive), ray.cluster_resources().get("CPU"))
-        yield where
+        # A local Ray of ours that dies under the stage fails it, retryably (infra.ray_watchdog).
+        with watch_local_node() if where == "local" else contextlib.nullcontext():
+            yield where
     finally:
         if started:
             _shut_down_in_background(ahead)

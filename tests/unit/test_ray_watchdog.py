@@ -1,0 +1,63 @@
+"""A local Ray that dies under a session's Tune run (its raylet SIGKILLed, as the OOM killer does) fails the
+session with one retryable line within seconds, and the next session starts a fresh local Ray."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_CHILD = textwrap.dedent("""
+    import os, signal, threading, time
+    import ray
+    from ray import tune
+    from infra.ray_cluster import ray_session
+    from infra.settings import Settings
+    from infra.storage import build_storage
+    from tuning_core.errors import ServiceUnavailable
+
+    settings = Settings(storage=STORAGE, ray_num_cpus=1)
+    storage = build_storage(settings)
+
+    def trainable(config):
+        for i in range(600):  # ~2 minutes of work: the watchdog must end it long before
+            time.sleep(0.2)
+            tune.report({"i": i})
+
+    try:
+        with ray_session(settings, storage):
+            raylet = ray._private.worker._global_node.all_processes["raylet"][0].process
+            threading.Timer(3, os.kill, (raylet.pid, signal.SIGKILL)).start()
+            started = time.monotonic()
+            tune.Tuner(trainable, run_config=tune.RunConfig(storage_path=STORAGE, verbose=0)).fit()
+        print("not interrupted")
+    except ServiceUnavailable as err:
+        print(f"retryable={err.retryable} after {time.monotonic() - started:.1f}s: {err}")
+    with ray_session(settings, storage) as where:
+        print("fresh", where, ray.get(ray.remote(lambda: 42).remote()))
+""")
+
+
+def test_local_ray_node_killed_under_a_session_fails_it_retryably_and_a_fresh_one_starts(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="rw", dir="/tmp")  # Ray's socket paths must stay short
+    code = _CHILD.replace("STORAGE", repr(str(tmp_path / "store")))
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp,
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=180)
+    finally:
+        subprocess.run(["rm", "-rf", ray_tmp], check=False)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    (lost,) = [line for line in lines if line.startswith("retryable=")]
+    assert lost.startswith("retryable=True"), done.stdout
+    assert "the local Ray node died during tuning (its raylet killed by SIGKILL" in lost
+    assert float(lost.split(" after ")[1].split("s:")[0]) < 10  # detected at once, not after Ray's own timeouts
+    assert "fresh local 42" in lines
