@@ -64,10 +64,15 @@ for mod in mods:
         try:
             importlib.import_module(mod)
             out = "ok"
-        except ModuleNotFoundError as err:
-            out = f"skip: needs {err.name}" if (err.name or "").split(".")[0] in optional else f"{err!r}"
         except BaseException as err:
             out = f"{type(err).__name__}: {err}"
+            # A missing optional extra, raised as is or turned into our own one-line error: skipped.
+            cause = err
+            while cause is not None:
+                if isinstance(cause, ModuleNotFoundError) and (cause.name or "").split(".")[0] in optional:
+                    out = f"skip: needs {cause.name}"
+                    break
+                cause = cause.__cause__ or cause.__context__
         os.write(w, out.encode())
         os._exit(0)
     os.close(w)
@@ -95,6 +100,24 @@ def test_every_module_imports_first_in_a_fresh_interpreter(import_results):
     assert set(import_results) == set(project_modules())
     failed = {m: r for m, r in import_results.items() if r != "ok" and not r.startswith("skip:")}
     assert failed == {}
+
+
+def test_a_missing_optional_extra_is_skipped_even_behind_our_own_error(tmp_path):
+    """Without torch, tuning_core.trainables.torch raises a ConfigError from the ModuleNotFoundError."""
+    pkg = tmp_path / "tuning_core"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "needs_extra.py").write_text(
+        "try:\n    import no_such_extra_xyz\nexcept ModuleNotFoundError:\n"
+        "    raise RuntimeError('install the extra') from None\n")
+    (pkg / "broken.py").write_text("import no_such_package_xyz\n")
+    proc = subprocess.run([sys.executable, "-c", _CHILD,
+                           json.dumps([["tuning_core.needs_extra", "tuning_core.broken"], [], ["no_such_extra_xyz"]])],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS"))
+    results = json.loads(line.removeprefix("RESULTS"))
+    assert results["tuning_core.needs_extra"] == "skip: needs no_such_extra_xyz"
+    assert results["tuning_core.broken"].startswith("ModuleNotFoundError")
 
 
 def test_the_check_sees_a_cycle(tmp_path):
