@@ -33,7 +33,7 @@ def test_yaml_config_is_merged_under_cli_flags(tmp_path):
 
 
 def test_run_check_runs_the_pre_run_checks_only_and_writes_nothing(local_settings, tmp_path):
-    from tests.unit.test_bad_inputs import _model_versions, _written
+    from tests.unit.test_bad_inputs import _mlflow_written, _written
 
     ok = CliRunner().invoke(app, ["run", "flights", "--data", str(ASA_SAMPLE), "--num-samples", "3", "--check"])
     assert ok.exit_code == 0, ok.output
@@ -44,7 +44,7 @@ def test_run_check_runs_the_pre_run_checks_only_and_writes_nothing(local_setting
     assert bad.exit_code == 2 and "did you mean 'max_depth'?" in bad.stderr
     # Neither started anything: no data version, no Ray experiment, no model version.
     assert _written(str(tmp_path / "store"), local_settings) == []
-    assert _model_versions(tmp_path / "mlflow.db") == []
+    assert _mlflow_written(tmp_path / "mlflow.db") == []
 
 
 # ---- choices, defaults, version: what `--help`, the config and the Prefect form offer ----------------
