@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 user error (a ``TunepipeError``: one line on stderr), 3
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -195,7 +196,18 @@ def _start_prefect_api() -> Any:
 
     thread = threading.Thread(target=start, name="tunepipe-prefect-api", daemon=True)
     thread.start()
+    atexit.register(_stop_prefect_api, thread)
     return thread
+
+
+def _stop_prefect_api(thread: Any) -> None:
+    """At exit: let a start still under way finish, then stop the server. Prefect registers its own
+    stop only once the process is up, so a command ending earlier (bad input, exit 2) would leave
+    the server running with no parent; after Prefect's own stop this is a no-op."""
+    thread.join(timeout=60)
+    server = sys.modules.get("prefect.server.api.server")
+    if server is not None:
+        server.SubprocessASGIServer().stop()
 
 
 # The ephemeral API's start-up thread, begun before the flow modules are even imported.

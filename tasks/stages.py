@@ -24,6 +24,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.cache_policies import NO_CACHE
 
 from infra import lease
 from infra.settings import Settings, get_settings
@@ -93,6 +94,10 @@ def _retrain_key(ctx, params: dict[str, Any]) -> str:
 
 
 COMMON = dict(retry_jitter_factor=0.5, retry_condition_fn=_retry_if_transient)
+# Tasks that are not cached on their inputs say so: Prefect's default cache policy hashes every
+# input of every run, and these take the tuning result (every trial's per-round history), whose
+# hashing alone held the registry and report stages for ~2 s each.
+UNCACHED = dict(**COMMON, cache_policy=NO_CACHE)
 
 
 def _backoff(retries: int) -> list[float]:
@@ -130,7 +135,7 @@ def for_run(settings: Settings | None = None) -> SimpleNamespace:
                                            "evaluate_and_register", "report")})
 
 
-@task(name="preflight", tags=["tunepipe", "preflight"], retries=2, timeout_seconds=300, **COMMON)
+@task(name="preflight", tags=["tunepipe", "preflight"], retries=2, timeout_seconds=300, **UNCACHED)
 def preflight(cfg: wl.Pipeline) -> None:
     """Check config, storage and tracking before anything is written."""
     wl.preflight(cfg, _ctx())
@@ -174,7 +179,7 @@ def retrain_best(cfg: wl.Pipeline, version: DataVersion, tuning: TuningResult) -
     return result
 
 
-@task(name="evaluate_and_register", tags=["tunepipe", "registry"], retries=3, timeout_seconds=1800, **COMMON)
+@task(name="evaluate_and_register", tags=["tunepipe", "registry"], retries=3, timeout_seconds=1800, **UNCACHED)
 def evaluate_and_register(cfg: wl.Pipeline, version: DataVersion, tuning: TuningResult,
                           retrained: RetrainResult) -> RegistryResult:
     result = wl.register(cfg, _ctx(), version, tuning, retrained)
@@ -182,7 +187,7 @@ def evaluate_and_register(cfg: wl.Pipeline, version: DataVersion, tuning: Tuning
     return result
 
 
-@task(name="report", tags=["tunepipe", "report"], retries=2, timeout_seconds=600, **COMMON)
+@task(name="report", tags=["tunepipe", "report"], retries=2, timeout_seconds=600, **UNCACHED)
 def report(cfg: wl.Pipeline, version: DataVersion, tuning: TuningResult, retrained: RetrainResult,
            registry: RegistryResult, timings: dict[str, float] | None = None) -> dict[str, Any]:
     summary = wl.summary(cfg, version, tuning, retrained, registry, _ctx(), timings)
@@ -201,6 +206,6 @@ def experiment_lease(cfg: wl.Pipeline, version: DataVersion) -> lease.Experiment
     return lease.experiment_lease(ctx.storage, ctx.settings, wl.experiment_for(cfg, version), flow_run_id=flow_run.id)
 
 
-@task(name="champion_config", tags=["tunepipe", "registry"], retries=2, **COMMON)
+@task(name="champion_config", tags=["tunepipe", "registry"], retries=2, **UNCACHED)
 def champion_config(cfg: wl.Pipeline) -> list[dict[str, Any]] | None:
     return wl.champion_warm_start(cfg, _ctx())

@@ -110,3 +110,39 @@ def test_search_and_scheduler_modules_import_on_their_own():
 
     for module in ("tuning_core.search", "tuning_core.schedulers", "tuning_core.config"):
         subprocess.run([sys.executable, "-c", f"import {module}"], check=True, timeout=60)
+
+
+def test_bad_input_run_leaves_no_prefect_api_behind(tmp_path):
+    """`run` starts Prefect's ephemeral API before its checks (so that it is up by the time the flow
+    starts): a run that then fails its checks must stop it, not leave it running without a parent."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    import psutil
+
+    mark = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "RAY_ADDRESS")}
+    env.update(TUNEPIPE_STORAGE=str(tmp_path / "store"), TUNEPIPE_TEST_MARK=mark)
+    done = subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", "run", "flights", "--data",
+                           str(tmp_path / "missing.csv")], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+
+    def ours() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get("TUNEPIPE_TEST_MARK") == mark:
+                    found.append(p)
+            except psutil.Error:
+                continue
+        return found
+
+    deadline = time.monotonic() + 10
+    while (left := ours()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in left:
+        p.kill()
+    assert not left, f"left running: {[' '.join(p.cmdline()[:6]) for p in left]}"
