@@ -233,7 +233,18 @@ def dataset_input(df: pd.DataFrame, source: str, name: str, digest: str) -> Any:
     import mlflow.data
 
     with _dataset_warnings_off():
-        return mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36], targets=None)
+        dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36], targets=None)
+    # MLflow infers the record's schema value by value when it is logged (1.5 s on 278k flights, most
+    # of the model-logging time); the column types of a sample and pandas' vectorised null check give
+    # the same schema (checked against the full inference) in milliseconds.
+    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.utils import _infer_schema
+
+    with _dataset_warnings_off():
+        sample = _infer_schema(df.head(1000))
+    dataset.__dict__["schema"] = Schema([ColSpec(c.type, c.name, required=not bool(df[c.name].isna().any()))
+                                         for c in sample.inputs])
+    return dataset
 
 
 def dataset_input_numpy(x: np.ndarray, y: np.ndarray, source: str, name: str, digest: str) -> Any:
