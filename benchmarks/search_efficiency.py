@@ -85,7 +85,7 @@ def _fmin_child(train: Any, valid: Any, rounds: int, trials: int, seed: int) -> 
     return run_fmin(train, valid, rounds, trials, seed)
 
 
-def _winner_rung_ranks(rec: Any, rounds: int, grace_period: int) -> dict[int, float]:
+def _winner_rung_ranks(res: Any, rounds: int, grace_period: int) -> dict[int, float]:
     """Where random+FIFO's eventual winner stood at each ASHA rung, among all its trials.
 
     Under FIFO every trial runs every round, so the recorded AUCs show what ASHA would have seen:
@@ -93,10 +93,10 @@ def _winner_rung_ranks(rec: Any, rounds: int, grace_period: int) -> dict[int, fl
     validation AUC than the winner at that round. ASHA lets a trial past a rung only in roughly the
     top 1/3, so a share above 1/3 means ASHA would have stopped the winner there.
     """
-    by_trial: dict[str, dict[int, float]] = {}
-    for ev in rec.events:
-        if "auc" in ev:
-            by_trial.setdefault(ev["trial_id"], {})[ev["iteration"]] = ev["auc"]
+    # The trials' histories hold every round (trials report only at their cadence, with each
+    # round's values attached), so they show what ASHA would have seen at any rung.
+    by_trial = {t.trial_id: {int(h["training_iteration"]): h["auc"] for h in t.history if h.get("auc") is not None}
+                for t in res.trials}
     winner = max(by_trial, key=lambda t: max(by_trial[t].values()))
     out: dict[int, float] = {}
     rung = grace_period
@@ -156,7 +156,7 @@ def measure(seeds: int = DEFAULTS["seeds"], trials: int = DEFAULTS["trials"], ro
                     res, rec, wall = run_ray_tuning(splits, cfg, root, f"{method.replace('+', '-')}-s{seed}")
                     startup = worker_startup(rec)
                     if method == REFERENCE:
-                        rung_ranks[seed] = _winner_rung_ranks(rec, rounds, grace_period)
+                        rung_ranks[seed] = _winner_rung_ranks(res, rounds, grace_period)
                     runs[method][seed] = {"curve": anytime_curve(rec, startup), "wall_s": wall,
                                           "cpu_s": sum(t.time_s for t in res.trials) - sum(startup.values()),
                                           "worker_startup_s": sum(startup.values()),

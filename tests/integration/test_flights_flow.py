@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 SUMMARY_KEYS = {
     "data": {"version", "uri", "schema", "rows"},
     "tuning": {"experiment_uri", "num_trials", "search", "scheduler", "best_config", "best_metric", "resumed"},
-    "retrain": {"mlflow_run_id", "test_metrics", "baseline_test_metrics"},
+    "retrain": {"mlflow_run_id", "test_metrics", "baseline_test_metrics", "fit_s"},
     "registry": {"model_name", "version", "aliases", "promoted"},
+    "timings": {"preflight_s", "prepare_s", "tune_s", "retrain_s", "register_s", "total_s"},
 }
 
 
@@ -54,6 +55,10 @@ def test_flow_end_to_end_registers_champion_and_is_idempotent(env):
     assert summary["tuning"]["num_trials"] == 3
     assert summary["registry"]["aliases"] == ["champion"] and summary["registry"]["promoted"]
     json.dumps(summary)  # the summary is JSON-serialisable as written by --summary-json
+    t = summary["timings"]
+    stages = t["preflight_s"] + t["prepare_s"] + t["tune_s"] + t["retrain_s"] + t["register_s"]
+    assert all(v >= 0 for v in t.values()) and t["tune_s"] > 0 and stages <= t["total_s"] + 0.05
+    assert 0 < summary["retrain"]["fit_s"] <= t["retrain_s"]
     assert {"flights-data-report", "flights-leaderboard", "flights-tuning-progress", "flights-report"} <= \
         _artifact_keys()
 
