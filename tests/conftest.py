@@ -211,3 +211,27 @@ def still_alive(procs) -> list:
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
                 out.append(p)
     return out
+
+
+def stop_process_group(proc, procs) -> list:
+    """SIGTERM ``proc``'s process group (SIGKILL after 30 s), give every process of ``procs`` 10 s to
+    end, SIGKILL the rest; returns the processes that had to be killed (a test asserts there are none)."""
+    import signal
+    import subprocess
+    import time
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while still_alive(procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = still_alive(procs)
+    for p in left:
+        p.kill()
+    return left

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import pytest
 
-from tests.conftest import ASA_SAMPLE, free_port
+from tests.conftest import ASA_SAMPLE, free_port, process_tree, stop_process_group
 
 pytestmark = pytest.mark.integration
 
@@ -53,29 +52,6 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _process_tree(pid: int) -> list[int]:
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        return [pid, *(c.pid for c in root.children(recursive=True))]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _alive(pids: list[int]) -> list[int]:
-    import psutil
-
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
 @contextlib.contextmanager
 def _running_server(tmp_path: Path, env: dict[str, str], *options: str) -> Iterator[tuple[str, int]]:
     """``mlflow server`` with a SQLite backend on a free loopback port: (url, pid) while it runs.
@@ -90,7 +66,7 @@ def _running_server(tmp_path: Path, env: dict[str, str], *options: str) -> Itera
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no GenAI jobs
                                 cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    pids: list[int] = [proc.pid]
+    procs: list = []
     try:
         deadline = time.monotonic() + 180  # schema migrations + uvicorn start; slow on a busy machine
         while not _healthy(url):
@@ -99,25 +75,12 @@ def _running_server(tmp_path: Path, env: dict[str, str], *options: str) -> Itera
             if time.monotonic() > deadline:
                 pytest.fail(f"mlflow server not healthy after 180 s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        pids = _process_tree(proc.pid)
+        procs = process_tree([proc.pid])
         yield url, proc.pid
     finally:
-        pids = sorted(set(pids) | set(_process_tree(proc.pid)))
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while _alive(pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = _alive(pids)
+        procs = [*procs, *process_tree([proc.pid])]
+        left = stop_process_group(proc, procs)
         if left:
-            for pid in left:
-                os.kill(pid, signal.SIGKILL)
             pytest.fail(f"mlflow server processes left after stop: {left}")
 
 
@@ -381,7 +344,6 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
 def test_served_champion_answers_raw_rows_of_each_schema_and_400_naming_a_bad_column(stack_champion, tmp_path):
     """``mlflow models serve`` from the registry, as a consumer runs it: only the tracking URI, and a
     Python in which none of our packages can be imported (sitecustomize blocks them in every process)."""
-    from tests.conftest import process_tree, still_alive
 
     blocker = tmp_path / "no-tunepipe"
     blocker.mkdir()
@@ -415,21 +377,7 @@ def test_served_champion_answers_raw_rows_of_each_schema_and_400_naming_a_bad_co
         assert status == 400, body
         assert "column 'CRSDepTime': '25:61' at row 1 is not a number" in body["message"], body["message"][-500:]
     finally:
-        procs = procs or process_tree([proc.pid])
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while still_alive(procs) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = still_alive(procs)
-        for p in left:
-            p.kill()
+        left = stop_process_group(proc, procs or process_tree([proc.pid]))
     assert not left, f"mlflow models serve processes left after stop: {left}"
 
 
