@@ -1,0 +1,65 @@
+"""A run SIGKILLed while it retrains the winner, then run again: the rerun finishes the job with
+exactly one model version and the champion alias on it (issue 16, faults during late stages)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ASA_SAMPLE, ROOT, process_tree, still_alive
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _cli(storage: Path, log: Path, model: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "TUNEPIPE_STORAGE")}
+    env.update(TUNEPIPE_STORAGE=str(storage), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    argv = [sys.executable, "-c", "from flows.cli import main; main()", "run", "flights", "--data", str(ASA_SAMPLE),
+            "--num-samples", "2", "--max-iterations", "20", "--seed", "3", "--model-name", model]
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def test_sigkill_during_retrain_then_rerun_registers_exactly_one_version(tmp_path):
+    from mlflow import MlflowClient
+
+    storage, log, model = tmp_path / "store", tmp_path / "first.log", "kill-retrain"
+    first = _cli(storage, log, model)
+    procs = []
+    try:
+        deadline = time.monotonic() + 240
+        # The tune stage's closing line: the retrain stage starts right after it.
+        while "tuning " not in log.read_text(errors="replace") or " trials, best " not in log.read_text(
+                errors="replace"):
+            assert first.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        procs = process_tree([first.pid])
+        os.killpg(first.pid, signal.SIGKILL)  # the run and everything it started (Ray, Prefect's API)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        for p in still_alive(procs):
+            p.kill()
+    text = log.read_text(errors="replace")
+    assert "retrained:" not in text and "decision" not in text, "the kill landed after the retrain stage"
+
+    again = _cli(storage, tmp_path / "second.log", model)
+    assert again.wait(timeout=240) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    uri = f"sqlite:///{storage / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = client.search_model_versions(f"name='{model}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert str(client.get_model_version_by_alias(model, "champion").version) == "1"
+    # The rerun took over the killed run's lease and reused its tuning rather than tuning again.
+    assert "resumed=True" in (tmp_path / "second.log").read_text(errors="replace") or \
+        "Cached(type=COMPLETED)" in (tmp_path / "second.log").read_text(errors="replace")
