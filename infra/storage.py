@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 
 from infra.settings import Settings, get_settings
 from tuning_core.errors import ServiceUnavailable, StorageError, storage_failure
+from tuning_core.sources import DataSource
 
 # boto3 >= 1.36 sends CRC checksums that some S3-compatible servers reject; ask only when required.
 _CHECKSUM_ENV = {
@@ -140,6 +141,11 @@ def mlflow_s3_env(settings: Settings) -> dict[str, str]:
     if settings.s3_endpoint_url:
         env["MLFLOW_S3_ENDPOINT_URL"] = settings.s3_endpoint_url
     return env
+
+
+def source_filesystem(source: DataSource, settings: Settings | None = None) -> pafs.FileSystem:
+    """The filesystem that reads a data source (``source.path`` is the path inside it)."""
+    return s3_filesystem(settings or get_settings()) if source.is_s3 else pafs.LocalFileSystem()
 
 
 def filesystem_for(uri: str, settings: Settings | None = None) -> tuple[pafs.FileSystem, str]:

@@ -1,5 +1,5 @@
 """MLflow tracking and registry: parent/child runs, model logging, idempotent registration,
-champion/challenger gating.
+champion/challenger gating. Every MLflow write of the project happens here (a test holds it).
 
 Everything is keyed so that re-running a pipeline updates what exists instead of duplicating
 it: the parent run by its run key (the tuning experiment name), child runs by trial id, model
@@ -22,8 +22,9 @@ from typing import Any
 
 from infra.settings import Settings
 from infra.storage import Storage, mlflow_s3_env, redact
-from tuning_core.errors import ServiceUnavailable
+from tuning_core.errors import ServiceUnavailable, TrackingError
 from tuning_core.results import RegistryResult, TuningResult
+from tuning_core.workloads.base import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,43 @@ class Tracker:
     def log_dir(self, run_id: str, folder: Path, artifact_path: str) -> None:
         self.client.log_artifacts(run_id, str(folder), artifact_path)
 
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Log the params the run does not have yet (MLflow params are immutable: a re-run keeps the first)."""
+        from mlflow.entities import Param
+
+        have = self.client.get_run(run_id).data.params
+        self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items() if k not in have])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=_tags(tags))
+
+    def touch(self, run_id: str) -> None:
+        """An empty write: the run's end time moves past its children's (the UI sorts by it)."""
+        self.client.log_batch(run_id, tags=[])
+
+    def log_model(self, run_id: str, spec: ModelSpec) -> str:
+        """Log a workload's model into ``run_id`` (MLflow models from code), linked to its lineage: the
+        datasets as the run's inputs and the test metrics with the model's id and the test dataset, so
+        the model page shows them. Returns the model URI."""
+        import mlflow
+
+        from infra import models
+
+        kwargs = models.log_model_kwargs(spec)
+        datasets = models.lineage_datasets(spec)
+        # mlflow.start_run(run_id=...) refuses to resume a run of another experiment than the one an
+        # earlier set_experiment() in this process selected: make the run's own experiment the active one.
+        mlflow.set_experiment(experiment_id=self.client.get_run(run_id).info.experiment_id)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(**kwargs)
+            with models.dataset_warnings_off():  # logging a dataset infers its schema
+                for context, dataset in datasets.items():
+                    mlflow.log_input(dataset, context=context)
+            if spec.metrics:
+                mlflow.log_metrics({k: float(v) for k, v in spec.metrics.items()}, step=0, model_id=info.model_id,
+                                   dataset=datasets.get("test"))
+        return info.model_uri
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
@@ -309,6 +347,21 @@ class Tracker:
         mv = self.client.get_model_version(name, version)
         return RegistryResult(model_name=name, version=version, aliases=sorted(mv.aliases), decision=decision,
                               promoted=CHAMPION in mv.aliases, champion_before=previous)
+
+    def model_workload(self, name: str, alias: str) -> str:
+        """The workload whose pipeline registered ``name@alias``: the version's tag, or for versions
+        registered before that tag, the ``workload`` tag of the pipeline's parent run."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            raise TrackingError(f"model registry {redact(self.uri)}: no version of {name!r} has alias {alias!r}") \
+                from None
+        if "tunepipe.workload" in mv.tags:
+            return mv.tags["tunepipe.workload"]
+        parent = mv.tags.get("parent_run") or self.client.get_run(mv.run_id).data.tags.get("mlflow.parentRunId")
+        return self.client.get_run(parent).data.tags.get("workload", "") if parent else ""
 
     def champion_config(self, name: str) -> dict[str, Any] | None:
         """The searched config of the current champion (warm start), or None."""

@@ -1,4 +1,8 @@
-"""Batch scoring with the registry's champion: read flights, predict, write parquet under the storage root."""
+"""Batch scoring with the registry's champion: read rows, predict, write parquet under the storage root.
+
+The rows are read by the workload whose pipeline registered the model (``Tracker.model_workload``), so
+scoring takes whatever rows that workload's data stage reads.
+"""
 
 from __future__ import annotations
 
@@ -13,30 +17,21 @@ from prefect.artifacts import create_table_artifact
 
 from infra import models as mlmodels
 from infra.settings import get_settings
-from infra.storage import filesystem_for
+from infra.storage import source_filesystem
 from tasks.stages import _retry_if_transient
-from tasks.workloads import Context, plain_features
-from tuning_core.errors import TrackingError
+from tasks.workloads import Context, workload_for_model
+from tuning_core.sources import DataSource
 
 
 def score(source: str, model_name: str, alias: str, ctx: Context) -> dict[str, Any]:
     """Score every row of ``source`` with ``models:/<model_name>@<alias>``; returns where and how many."""
-    from mlflow.exceptions import MlflowException
-
-    from tuning_core.data import flights
-
     tracker = ctx.tracker()
-    try:
-        mv = tracker.client.get_model_version_by_alias(model_name, alias)
-    except MlflowException:
-        raise TrackingError(f"model registry {tracker.uri}: no version of {model_name!r} has alias {alias!r}") from None
-    src_fs, src_path = filesystem_for(source, ctx.settings)
-    frame, schema = flights.read_canonical(src_fs, src_path)
+    workload = workload_for_model(ctx, model_name, alias)
+    mv = tracker.client.get_model_version_by_alias(model_name, alias)
+    src = DataSource.parse(source, where="--data")
+    rows, schema = workload.read_for_scoring(src, source_filesystem(src, ctx.settings))
     model = mlmodels.load_pyfunc(f"models:/{model_name}@{alias}")
-    out = plain_features(frame)
-    preds = model.predict(out)
-    out["delay_probability"] = preds["delay_probability"].to_numpy()
-    out["delayed"] = preds["delayed"].to_numpy()
+    out, figures = workload.scored(rows, model.predict(rows))
     digest = hashlib.sha256(f"{source}|{model_name}|{mv.version}".encode()).hexdigest()[:12]
     folder = ctx.storage.path("predictions", f"{model_name}-v{mv.version}")
     buf = io.BytesIO()
@@ -46,8 +41,7 @@ def score(source: str, model_name: str, alias: str, ctx: Context) -> dict[str, A
     with ctx.storage.fs.open_output_stream(f"{folder}/{digest}.parquet") as f:
         f.write(buf.getvalue())
     return {"source": source, "schema": schema, "model": f"{model_name}@{alias}", "version": mv.version,
-            "rows": len(out), "delayed_rate": float(out["delayed"].mean()) if len(out) else 0.0,
-            "output": ctx.storage.to_uri(f"{folder}/{digest}.parquet")}
+            "rows": len(out), **figures, "output": ctx.storage.to_uri(f"{folder}/{digest}.parquet")}
 
 
 # Retry delays: tasks.stages.with_retry_policy, applied by the flow.

@@ -10,10 +10,8 @@ flow skips finished stages; the tune stage additionally resumes its Ray experime
 
 from __future__ import annotations
 
-import glob
 import hashlib
 from collections.abc import Callable
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,6 +30,7 @@ from tasks import workloads as wl
 from tuning_core.config import config_hash
 from tuning_core.errors import TunepipeError
 from tuning_core.results import DataVersion, RegistryResult, RetrainResult, TuningResult
+from tuning_core.workloads import workload_of
 
 
 def _retry_if_transient(task, task_run, state) -> bool:
@@ -57,22 +56,7 @@ def _where() -> str:
 
 def _source_fingerprint(cfg: wl.Pipeline) -> str | None:
     """Size and mtime of local source files; None (no caching) for S3 sources, which we re-read."""
-    source = cfg.data.source
-    if source is None:
-        from tuning_core.data.flights import default_source
-
-        source = default_source()
-    if source.startswith("s3://"):
-        return None
-    p = Path(source)
-    if p.is_dir():
-        files = sorted(p.rglob("*"))
-    elif any(c in source for c in "*?["):
-        files = sorted(Path(f) for f in glob.glob(source, recursive=True))
-    else:
-        files = [p]
-    stats = [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
-    return hashlib.sha256("|".join(stats).encode()).hexdigest()[:16] if stats else None
+    return workload_of(cfg).data_source(cfg).fingerprint()
 
 
 def _prepare_key(ctx, params: dict[str, Any]) -> str | None:
@@ -136,9 +120,9 @@ def for_run(settings: Settings | None = None) -> SimpleNamespace:
 
 
 @task(name="preflight", tags=["tunepipe", "preflight"], retries=2, timeout_seconds=300, **UNCACHED)
-def preflight(cfg: wl.Pipeline) -> None:
-    """Check config, storage and tracking before anything is written."""
-    wl.preflight(cfg, _ctx())
+def preflight(cfg: wl.Pipeline) -> wl.Pipeline:
+    """Check config, storage and tracking before anything is written; the config completed from the data."""
+    return wl.preflight(cfg, _ctx())
 
 
 @task(name="prepare_data", tags=["tunepipe", "data"], retries=3, timeout_seconds=3600,

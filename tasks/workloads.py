@@ -1,8 +1,9 @@
-"""Workload glue: how each workload's stages call tuning_core and infra.
+"""Stage glue: how every stage calls its workload (``tuning_core.workloads``) and infra.
 
 Plain functions (no Prefect here) so the Prefect tasks in ``tasks.stages`` stay a call or two,
-and so tests and benchmarks can run a stage body without an orchestrator. Both workloads
-expose the same interface, which is what lets one DAG serve them all.
+and so tests and benchmarks can run a stage body without an orchestrator. Nothing here names a
+workload: each stage looks the config's workload up in ``WORKLOADS`` and calls its protocol, which is
+what lets one DAG serve them all.
 """
 
 from __future__ import annotations
@@ -19,33 +20,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.fs as pafs
 
 from infra import models as mlmodels
 from infra.ray_cluster import check_local_resources, ray_session, workers_hold_keys
 from infra.settings import Settings
-from infra.storage import Storage, build_storage, filesystem_for, redact
+from infra.storage import Storage, build_storage, filesystem_for, redact, source_filesystem
 from infra.tracking import TAG_STAGE, Tracker
-from tuning_core.config import (
-    FASHION_SPACE,
-    FLIGHTS_SPACE,
-    FashionPipeline,
-    FlightsPipeline,
-    ParamSpec,
-    config_hash,
-)
+from tuning_core.config import ParamSpec, config_hash
 from tuning_core.errors import ConfigError
 from tuning_core.results import DataVersion, RegistryResult, RetrainResult, TuningResult
 from tuning_core.runner import experiment_name, run_tuning, validate
 from tuning_core.search import edge_configs
+from tuning_core.sources import DataSource
+from tuning_core.workloads import WORKLOADS, workload_of
+from tuning_core.workloads.base import PipelineConfig, Workload
+from tuning_core.workloads.base import plain_features as plain_features  # re-exported: scoring and tests use it
 
 log = logging.getLogger(__name__)
 
-Pipeline = FlightsPipeline | FashionPipeline
-
-# What each workload's trainable reports per iteration (tune.metric must be one of them).
-TRIAL_METRICS = {"flights": ("auc", "logloss", "error"), "fashion-mnist": ("mean_accuracy", "loss", "train_loss")}
+# Any workload's config model (see tuning_core.workloads.base.PipelineConfig).
+Pipeline = PipelineConfig
 
 # Extra listeners for tuning progress events (the CLI's progress bar registers one).
 PROGRESS_LISTENERS: list[Callable[[dict[str, Any]], None]] = []
@@ -65,6 +60,11 @@ class Context:
     def tracker(self) -> Tracker:
         return Tracker(self.settings, self.storage)
 
+    def source(self, cfg: Pipeline) -> tuple[DataSource, pafs.FileSystem]:
+        """The config's data source, parsed once by its workload, and the filesystem that reads it."""
+        source = workload_of(cfg).data_source(cfg)
+        return source, source_filesystem(source, self.settings)
+
 
 def tune_config_hash(cfg: Pipeline) -> str:
     """Hash of what determines the tuning experiment (not the registry options)."""
@@ -80,11 +80,20 @@ def with_warm_start(cfg: Pipeline, warm_start: list[dict[str, Any]] | None) -> P
     """The config with the champion's config tried first (``points_to_evaluate``)."""
     if not warm_start:
         return cfg
-    space = cfg.tune.space or (FLIGHTS_SPACE if cfg.workload == "flights" else FASHION_SPACE)
+    space = workload_of(cfg).space(cfg)
     keep = [{k: v for k, v in p.items() if k in space and not isinstance(space[k], (str, int, float, bool))}
             for p in warm_start]
     points = [*keep, *(cfg.tune.points_to_evaluate or [])]
     return cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"points_to_evaluate": points})})
+
+
+def workload_for_model(ctx: Context, model_name: str, alias: str) -> Workload:
+    """The workload whose pipeline registered ``model_name@alias`` (batch scoring picks its reader by it)."""
+    name = ctx.tracker().model_workload(model_name, alias)
+    if name not in WORKLOADS:
+        raise ConfigError(f"model {model_name}@{alias}: registered by workload {name!r}, expected one of "
+                          f"{sorted(WORKLOADS)}")
+    return WORKLOADS[name]
 
 
 def mlflow_experiment(cfg: Pipeline) -> str:
@@ -119,26 +128,28 @@ class StageClock:
         return {**self.timings, "total_s": time.monotonic() - self.started}
 
 
-def preflight(cfg: Pipeline, ctx: Context) -> None:
-    """Everything that can be checked before a byte is written: space, names, data source, tracking, storage."""
-    space = cfg.tune.space or (FLIGHTS_SPACE if cfg.workload == "flights" else FASHION_SPACE)
+def preflight(cfg: Pipeline, ctx: Context) -> Pipeline:
+    """Everything that can be checked before a byte is written: space, names, data source, tracking,
+    storage. Returns the config completed from the data (``Workload.resolve``; unchanged for most)."""
+    workload = workload_of(cfg)
+    workload.check_installed()
+    source, source_fs = ctx.source(cfg)
+    cfg = workload.resolve(cfg, source, source_fs)
+    space = workload.space(cfg)
     validate(cfg.tune, space)
-    reported = TRIAL_METRICS[cfg.workload]
+    reported = workload.reported_metrics(cfg)
     if cfg.tune.metric not in reported:
         raise ConfigError(f"tune.metric {cfg.tune.metric!r}: the {cfg.workload} trainable reports {list(reported)}")
     check_trial_configs(cfg, space)
     check_local_resources(ctx.settings, cfg.tune.resources.cpu, cfg.tune.resources.gpu)
-    check_data(cfg, ctx)
+    workload.check_data(cfg, source, source_fs)
     ctx.tracker().check()
+    return cfg
 
 
 def check_trial_configs(cfg: Pipeline, space: dict[str, Any]) -> None:
     """The trainable's own check of the space's edges and of every warm-start point: a misspelt or
     out-of-bounds hyperparameter fails here, not silently ignored or crashing every trial."""
-    if cfg.workload == "flights":
-        from tuning_core.trainables.xgboost import check_configs
-    else:
-        from tuning_core.trainables.torch import check_configs
     edges = edge_configs(space)
     configs = list(edges)
     configs += [(f"points_to_evaluate[{i}]", {**edges[0][1], **point})
@@ -149,60 +160,37 @@ def check_trial_configs(cfg: Pipeline, space: dict[str, Any]) -> None:
                 for k, v in (mutations or {}).items()}
     configs += [(f"scheduler_options.hyperparam_mutations, {where}", {**edges[0][1], **config})
                 for where, config in (edge_configs(as_space) if as_space else [])]
-    check_configs(configs)
+    workload_of(cfg).check_configs(configs)
 
 
 def check_data(cfg: Pipeline, ctx: Context) -> None:
     """Cheap checks of the data source (paths, archives, headers), so bad input fails before Prefect or Ray start."""
-    if cfg.workload == "flights":
-        from tuning_core.data import flights
-
-        src_fs, src_path = filesystem_for(cfg.data.source, ctx.settings) if cfg.data.source else (None, None)
-        flights.check_source(cfg.data, src_fs, src_path)
-        return
-    from tuning_core.data import idx
-
-    idx.check_source(*filesystem_for(cfg.data.source, ctx.settings))
+    workload_of(cfg).check_data(cfg, *ctx.source(cfg))
 
 
 # --------------------------------------------------------------------------- prepare
 def prepare(cfg: Pipeline, ctx: Context) -> DataVersion:
-    if cfg.workload == "flights":
-        from tuning_core.data import flights
-
-        src_fs, src_path = filesystem_for(cfg.data.source, ctx.settings) if cfg.data.source else (None, None)
-        return flights.prepare(cfg.data, src_fs, src_path, ctx.storage.fs, ctx.storage.root)
-    from tuning_core.data import idx
-
-    src_fs, src_path = filesystem_for(cfg.data.source, ctx.settings)
-    return idx.prepare(cfg.data, src_fs, src_path, ctx.storage.fs, ctx.storage.root)
+    source, source_fs = ctx.source(cfg)
+    return workload_of(cfg).prepare(cfg, source, source_fs, ctx.storage.fs, ctx.storage.root)
 
 
 def _load(cfg: Pipeline, ctx: Context, version: DataVersion, split: str) -> Any:
-    if cfg.workload == "flights":
-        from tuning_core.data import flights
+    return workload_of(cfg).load_split(ctx.storage.fs, version, split)
 
-        return flights.load_split(ctx.storage.fs, version.path, split)
-    from tuning_core.data import idx
 
-    return idx.load_split(ctx.storage.fs, version.path, split)
+def _splits(cfg: Pipeline, ctx: Context, version: DataVersion, names: tuple[str, ...] = ("train", "valid", "test")
+            ) -> dict[str, Any]:
+    return {name: _load(cfg, ctx, version, name) for name in names}
 
 
 # --------------------------------------------------------------------------- tune
 def tune(cfg: Pipeline, ctx: Context, version: DataVersion,
          progress: Callable[[dict[str, Any]], None] | None = None) -> TuningResult:
     """Run or resume the Ray Tune experiment, then log one MLflow child run per trial."""
-    if cfg.workload == "flights":
-        from tuning_core.trainables.xgboost import train_xgboost as trainable
-
-        space = cfg.tune.space or FLIGHTS_SPACE
-    else:
-        from tuning_core.trainables.torch import train_fashion as trainable
-
-        space = cfg.tune.space or FASHION_SPACE
+    workload = workload_of(cfg)
+    trainable, space = workload.trainable(cfg), workload.space(cfg)
     tune_cfg = cfg.tune
-    data = {"train": _load(cfg, ctx, version, "train"), "valid": _load(cfg, ctx, version, "valid"),
-            "data_key": version.version}
+    data = workload.tune_data(cfg, version, _splits(cfg, ctx, version, ("train", "valid")))
     name = experiment_for(cfg, version)
     tracker = ctx.tracker()
 
@@ -227,7 +215,7 @@ def tune(cfg: Pipeline, ctx: Context, version: DataVersion,
 
         mutated = sorted(pbt_mutations(tune_cfg, space))
     tracker.log_trials(parent, result, mutated=mutated)
-    tracker.client.log_batch(parent, tags=[])  # touch: keeps the parent's end time after trials
+    tracker.touch(parent)  # keeps the parent's end time after its trials'
     return result
 
 
@@ -266,17 +254,17 @@ def retrain(cfg: Pipeline, ctx: Context, version: DataVersion, tuning: TuningRes
         if tuning.best_checkpoint_uri:
             ckpt_dir = _download_checkpoint(ctx, tuning.best_checkpoint_uri, Path(tmp, "best_checkpoint"))
             tracker.log_dir(parent, ckpt_dir, "best_checkpoint")
-        if cfg.workload == "flights":
-            final, model_uri = _retrain_flights(cfg, ctx, version, tuning, ckpt_dir, run_id)
-        else:
-            final, model_uri = _retrain_fashion(cfg, ctx, version, tuning, ckpt_dir, run_id)
+        workload = workload_of(cfg)
+        splits = _splits(cfg, ctx, version)
+        final = workload.retrain(cfg, version, tuning, splits, ckpt_dir)
+        model_dir = Path(tmp, "model")
+        model_dir.mkdir()
+        spec = workload.model_spec(cfg, version, tuning, final, splits, model_dir)
+        # The test metrics go in with the model, linked to it and to the test split.
+        model_uri = tracker.log_model(run_id, spec)
     params = {**{f"best.{k}": v for k, v in tuning.best_config.items()}, "rounds": final.rounds,
               "source": final.source, "best_trial_id": tuning.best_trial_id}
-    from mlflow.entities import Param
-
-    # The test metrics went in with the model (_retrain_*), linked to it and to the test split.
-    existing = tracker.client.get_run(run_id).data.params
-    tracker.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items() if k not in existing])
+    tracker.log_params(run_id, params)  # those already there stay (MLflow params are immutable)
     board = json.dumps(tuning.leaderboard_rows(), default=str, indent=1).encode()
     tracker.log_files(run_id, {**final.plots, "leaderboard.json": board})
     plots = {}
@@ -290,12 +278,11 @@ def retrain(cfg: Pipeline, ctx: Context, version: DataVersion, tuning: TuningRes
         tracker.log_files(run_id, plots)
     if "parallel_coordinates.png" in plots:  # the search's view also on the parent run, whose children are the trials
         tracker.log_files(parent, {"parallel_coordinates.png": plots["parallel_coordinates.png"]})
-    for k, v in {"tunepipe.model_uri": model_uri, "tunepipe.best_config": json.dumps(tuning.best_config),
-                 "tunepipe.checkpoint_uri": tuning.best_checkpoint_uri or "", "data_version": version.version,
-                 "tunepipe.test_metrics": json.dumps(final.test_metrics),
-                 "tunepipe.baseline_test_metrics": json.dumps(final.baseline_test_metrics),
-                 "tunepipe.fit_s": f"{final.fit_s:.3f}"}.items():
-        tracker.client.set_tag(run_id, k, v)
+    tracker.set_tags(run_id, {"tunepipe.model_uri": model_uri, "tunepipe.best_config": json.dumps(tuning.best_config),
+                              "tunepipe.checkpoint_uri": tuning.best_checkpoint_uri or "",
+                              "data_version": version.version, "tunepipe.test_metrics": json.dumps(final.test_metrics),
+                              "tunepipe.baseline_test_metrics": json.dumps(final.baseline_test_metrics),
+                              "tunepipe.fit_s": f"{final.fit_s:.3f}"})
     tracker.finish(run_id)
     tracker.finish(parent)
     return _retrain_result(tracker.client.get_run(run_id), tracker)
@@ -311,118 +298,10 @@ def _retrain_result(run: Any, tracker: Tracker) -> RetrainResult:
                          fit_s=float(tags.get("tunepipe.fit_s", 0.0)))
 
 
-def _retrain_flights(cfg: FlightsPipeline, ctx: Context, version: DataVersion, tuning: TuningResult,
-                     ckpt_dir: Path | None, run_id: str) -> tuple[Any, str]:
-    import pandas as pd
-
-    from tuning_core.data import flight_features
-    from tuning_core.retrain import retrain_xgboost
-    from tuning_core.trainables.xgboost import LABEL
-
-    train, valid, test = (_load(cfg, ctx, version, s) for s in ("train", "valid", "test"))
-    final = retrain_xgboost(tuning.best_config, tuning.best_iteration, train, valid, test,
-                            retrain=cfg.retrain.retrain, checkpoint_dir=ckpt_dir)
-    full = pd.concat([train, valid], ignore_index=True)
-    features = full.drop(columns=[LABEL])
-    categories = {c: [str(x) for x in features[c].cat.categories] for c in features.columns
-                  if isinstance(features[c].dtype, pd.CategoricalDtype)}
-    lineage = mlmodels.Lineage(
-        params=_model_params(tuning, final), metrics=_model_metrics(final),
-        train=mlmodels.dataset_input(full, version.uri, f"flights-{version.version}", version.version),
-        test=mlmodels.dataset_input(test, version.uri, f"flights-{version.version}-test", version.version))
-    # The model ships the data stage's feature module, so that it takes raw rows as training read them.
-    uri = mlmodels.log_flights_model(run_id, final.model, features.head(50), categories, flight_features, lineage)
-    return final, uri
-
-
-def _model_params(tuning: TuningResult, final: Any) -> dict[str, Any]:
-    """What the model page shows as parameters: the winning configuration and how it was trained."""
-    return {**tuning.best_config, "rounds": final.rounds, "source": final.source}
-
-
-def _model_metrics(final: Any) -> dict[str, float]:
-    """The retrained model's test metrics, the untuned default's on the same rows, and the uplift."""
-    return {**{f"test_{k}": v for k, v in final.test_metrics.items()},
-            **{f"baseline_test_{k}": v for k, v in final.baseline_test_metrics.items()},
-            **{f"uplift_{k}": v for k, v in final.uplift.items()}}
-
-
-def _retrain_fashion(cfg: FashionPipeline, ctx: Context, version: DataVersion, tuning: TuningResult,
-                     ckpt_dir: Path | None, run_id: str) -> tuple[Any, str]:
-    from tuning_core.evaluate import confusion_png
-    from tuning_core.retrain import FinalModel
-    from tuning_core.trainables import torch as tt
-
-    (xt, yt), (xv, yv), test = (_load(cfg, ctx, version, s) for s in ("train", "valid", "test"))
-    full = (np.concatenate([xt, xv]), np.concatenate([yt, yv]))
-    epochs = max(1, tuning.best_iteration)
-    started = time.perf_counter()
-    if cfg.retrain.retrain:
-        model, source = tt.fit_final(tuning.best_config, full, epochs, seed=cfg.tune.seed), "retrained"
-    else:
-        model, source = tt.load_checkpoint_model(ckpt_dir, tuning.best_config), "checkpoint"
-    # Untuned reference: the default small CNN with plain SGD defaults, same epochs and data.
-    default_cfg = {"model": "cnn", "width": 32, "lr": 0.01, "momentum": 0.9, "batch_size": 64, "weight_decay": 0.0}
-    baseline = tt.fit_final(default_cfg, full, epochs, seed=cfg.tune.seed)
-    tuned_m, base_m = tt.evaluate(model, test), tt.evaluate(baseline, test)
-    fit_s = time.perf_counter() - started
-    cm = tuned_m.pop("confusion")
-    base_m.pop("confusion", None)
-    plots = {"confusion_matrix.png": confusion_png(cm, [str(i) for i in range(10)], "test confusion matrix")}
-    final = FinalModel(model=model, rounds=epochs, test_metrics=tuned_m, baseline_test_metrics=base_m,
-                       plots=plots, source=source, extra={"confusion": cm}, fit_s=fit_s)
-    # The datasets' profiles are computed from what is passed: a sample stands for each split.
-    lineage = mlmodels.Lineage(
-        params=_model_params(tuning, final), metrics=_model_metrics(final),
-        train=mlmodels.dataset_input_numpy(full[0][:1000], full[1][:1000], version.uri,
-                                           f"fashion-mnist-{version.version}", version.version),
-        test=mlmodels.dataset_input_numpy(test[0][:1000], test[1][:1000], version.uri,
-                                          f"fashion-mnist-{version.version}-test", version.version))
-    norm = version.manifest["normalisation"]
-    preprocessing = {"input": "raw integer pixels 0-255 (normalised by the model) or normalised float32 images",
-                     "formula": "(pixels / 255 - mean) / std",
-                     "mean": norm["mean"], "std": norm["std"], "pixels": "uint8 0-255, as in the IDX files",
-                     "data_version": version.version}
-    uri = mlmodels.log_image_model(run_id, model, test[0][:5], preprocessing, lineage)
-    return final, uri
-
-
 # --------------------------------------------------------------------------- register
-def plain_features(df: Any) -> Any:
-    """Canonical features as a registry consumer sends them: strings and 64-bit numbers.
-
-    The model takes the training dtypes too, but scoring what consumers send keeps the champion's
-    re-evaluation on the path every consumer takes (see infra.models).
-    """
-    import pandas as pd
-
-    out = df.copy()
-    for c in out.columns:
-        if isinstance(out[c].dtype, pd.CategoricalDtype):
-            out[c] = out[c].astype(str)
-        elif pd.api.types.is_integer_dtype(out[c].dtype):
-            out[c] = out[c].astype("int64")
-        elif pd.api.types.is_float_dtype(out[c].dtype):
-            out[c] = out[c].astype("float64")
-    return out
-
-
 def score_version(cfg: Pipeline, ctx: Context, version: DataVersion, model_uri: str) -> float:
     """The registry metric of any registered model on today's test split (champion re-evaluation)."""
-    from tuning_core.evaluate import binary_metrics, multiclass_metrics
-
-    model = mlmodels.load_pyfunc(model_uri)
-    if cfg.workload == "flights":
-        from tuning_core.trainables.xgboost import LABEL
-
-        test = _load(cfg, ctx, version, "test")
-        out = model.predict(plain_features(test.drop(columns=[LABEL])))
-        metrics = binary_metrics(test[LABEL].to_numpy(), np.asarray(out["delay_probability"]))
-    else:
-        x, y = _load(cfg, ctx, version, "test")
-        logits = np.asarray(model.predict(x))
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        metrics = multiclass_metrics(y, e / e.sum(axis=1, keepdims=True))
+    metrics = workload_of(cfg).score(mlmodels.load_pyfunc(model_uri), version, _load(cfg, ctx, version, "test"))
     return float(metrics[cfg.registry.metric])
 
 
@@ -437,7 +316,7 @@ def register(cfg: Pipeline, ctx: Context, version: DataVersion, tuning: TuningRe
     tags = {"data_version": version.version, "parent_run": tracker.client.get_run(retrained.mlflow_run_id)
             .data.tags.get("mlflow.parentRunId", ""), "experiment_uri": tuning.experiment_uri,
             f"test_{reg.metric}": f"{value:.6f}", "tunepipe.best_config": json.dumps(tuning.best_config),
-            "tunepipe.checkpoint_uri": tuning.best_checkpoint_uri or ""}
+            "tunepipe.checkpoint_uri": tuning.best_checkpoint_uri or "", "tunepipe.workload": cfg.workload}
     mv = tracker.register(reg.model_name, retrained.mlflow_run_id, retrained.model_uri, tags)
     return tracker.gate(reg.model_name, mv, value, reg.metric, reg.mode, reg.promotion_margin,
                         lambda uri: score_version(cfg, ctx, version, uri), force=reg.force_promote)

@@ -139,6 +139,10 @@ class RegistryConfig(_Frozen):
     force_promote: bool = False
 
 
+# What `tunepipe score` and the batch-score flow score with unless told otherwise.
+DEFAULT_MODEL_NAME: str = RegistryConfig().model_name
+
+
 class FlightsPipeline(_Frozen):
     """The flights pipeline's parameters: data → tune → retrain → register."""
 

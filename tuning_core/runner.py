@@ -324,7 +324,8 @@ def _clean_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-_HISTORY_METRICS = ("auc", "logloss", "error", "mean_accuracy", "loss", "train_loss")
+_HISTORY_METRICS = ("auc", "logloss", "error", "mlogloss", "merror", "rmse", "mae", "mean_accuracy", "loss",
+                    "train_loss")
 
 
 def _history_rows(result: dict[str, Any], metric: str) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ LOCAL = pafs.LocalFileSystem()
 
 
 def test_fashion_flow_registers_a_model_far_above_chance(local_settings, prefect_harness, ray_local):
-    from flows.fashion_mnist import fashion_mnist_tuning
+    from flows.workloads import fashion_mnist_tuning
 
     cfg = FashionPipeline(
         data=FashionData(source=str(FASHION_SAMPLE)),

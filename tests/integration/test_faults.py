@@ -146,7 +146,7 @@ def test_crash_after_each_stage_then_rerun_continues_where_it_stopped(env, monke
     run or the model version exist, but Prefect recorded a failure, so the re-run must find and
     reuse them instead of duplicating them.
     """
-    from flows.flights import flights_tuning
+    from flows.workloads import flights_tuning
     from tasks import stages, workloads
 
     crash = {"after": None}
@@ -282,7 +282,7 @@ class FlakyProxy:
 
 def test_s3_down_while_writing_a_data_version_is_retried_and_no_half_version_is_visible(
         local_settings, s3_settings, prefect_harness, ray_local, monkeypatch):
-    from flows.flights import flights_tuning
+    from flows.workloads import flights_tuning
     from infra.settings import get_settings
     from infra.storage import s3_filesystem
     from tuning_core.versioning import version_exists
@@ -378,7 +378,7 @@ class MlflowServer:
 
 
 def test_tracking_server_down_at_registration_is_retried_and_registers_once(env, tmp_path, monkeypatch):
-    from flows.flights import flights_tuning
+    from flows.workloads import flights_tuning
     from infra.settings import get_settings
     from tasks import workloads
 

@@ -45,7 +45,7 @@ def _artifact_keys() -> set[str]:
 
 
 def test_flow_end_to_end_registers_champion_and_is_idempotent(env):
-    from flows.flights import flights_tuning
+    from flows.workloads import flights_tuning
 
     summary = flights_tuning(small_cfg())
     for section, keys in SUMMARY_KEYS.items():
@@ -118,7 +118,7 @@ def test_rerun_after_driver_sigkill_resumes_instead_of_restarting(env, tmp_path)
 
     import yaml
 
-    from flows.flights import flights_tuning
+    from flows.workloads import flights_tuning
 
     # Trials here last a fraction of a second: 16 of them one at a time, polled every 50 ms, so the
     # kill lands while most are still to run (6 trials 2 at a time once all finished between two polls).
@@ -160,7 +160,7 @@ def test_rerun_after_driver_sigkill_resumes_instead_of_restarting(env, tmp_path)
 
 def test_batch_score_writes_a_prediction_per_row(env, tmp_path):
     from flows.batch_score import batch_score
-    from flows.flights import flights_tuning
+    from flows.workloads import flights_tuning
 
     flights_tuning(small_cfg(model="flow-score"))
     rows = pd.read_csv(ASA_SAMPLE, nrows=300)

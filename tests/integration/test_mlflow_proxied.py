@@ -131,12 +131,11 @@ def test_model_logged_through_the_server_lands_in_s3_and_loads_by_alias(mlflow_s
                                                                         tmp_path):
     import mlflow
 
-    from infra.models import log_flights_model
     from infra.storage import boto3_client, build_storage
     from infra.tracking import TAG_STAGE, Tracker
-    from tuning_core.data import flight_features
     from tuning_core.data.flights import CATEGORICAL
     from tuning_core.trainables.xgboost import LABEL, fit_booster
+    from tuning_core.workloads.flights import booster_spec
 
     assert not [k for k in _S3_ACCESS_ENV if k in os.environ]
     train, test = _flights(tmp_path)
@@ -149,7 +148,7 @@ def test_model_logged_through_the_server_lands_in_s3_and_loads_by_alias(mlflow_s
     tracker.check()
     parent = tracker.parent_run("tunepipe-proxied", "proxied-key", {"workload": "flights"}, run_name="proxied")
     run_id, _ = tracker.child_run(parent, TAG_STAGE, "retrain", "retrain")
-    model_uri = log_flights_model(run_id, booster, features.head(50), categories, flight_features)
+    model_uri = tracker.log_model(run_id, booster_spec(booster, features.head(50), tmp_path))
     tracker.log_files(run_id, {"roc_curve.png": b"\x89PNG\r\n\x1a\nplot"})
     tracker.finish(run_id)
     version = tracker.register("flights-proxied", run_id, model_uri, {"data": "asa"})
@@ -263,14 +262,13 @@ def stack_champion(mlflow_server, seaweed_s3, tmp_path_factory) -> Champion:
     import mlflow
     import xgboost as xgb
 
-    from infra.models import log_flights_model
     from infra.settings import Settings, get_settings
     from infra.storage import build_storage
     from infra.tracking import TAG_STAGE, Tracker
     from tests.raw_flights import as_bts, as_nycflights13, asa_rows, canonical_features
-    from tuning_core.data import flight_features
     from tuning_core.data.flights import CATEGORICAL
     from tuning_core.trainables.xgboost import LABEL, fit_booster
+    from tuning_core.workloads.flights import booster_spec
 
     tmp = tmp_path_factory.mktemp("stack-champion")
     name, experiment = "flights-stack-consumer", "tunepipe-stack-consumer"
@@ -292,7 +290,7 @@ def stack_champion(mlflow_server, seaweed_s3, tmp_path_factory) -> Champion:
             categories = {c: [str(v) for v in features[c].cat.categories] for c in CATEGORICAL}
             parent = tracker.parent_run(experiment, "stack-key", {"workload": "flights"}, run_name="stack")
             run_id, _ = tracker.child_run(parent, TAG_STAGE, "retrain", "retrain")
-            model_uri = log_flights_model(run_id, booster, features.head(50), categories, flight_features)
+            model_uri = tracker.log_model(run_id, booster_spec(booster, features.head(50), tmp))
             tracker.finish(run_id)
             version = tracker.register(name, run_id, model_uri, {})
             assert tracker.gate(name, version, 0.7, "auc", "max", 0.0, lambda uri: 0.0).promoted

@@ -57,7 +57,7 @@ def _waits(task_run_id: Any) -> list[float]:
 
 
 def test_shipped_policy_retries_transient_failures_after_the_configured_delay(short_delays, monkeypatch):
-    from flows.flights import flights_tuning
+    from flows.workloads import flights_tuning
     from tasks import workloads
 
     calls: list[str] = []
@@ -84,7 +84,7 @@ def test_shipped_policy_retries_transient_failures_after_the_configured_delay(sh
 
 
 def test_bad_input_inside_a_task_is_tried_once_and_writes_nothing(short_delays, tmp_path):
-    from flows.flights import flights_tuning
+    from flows.workloads import flights_tuning
 
     lines = ASA_SAMPLE.read_text().splitlines(keepends=True)[:400]
     header = lines[0].rstrip("\n").split(",")

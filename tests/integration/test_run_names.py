@@ -19,7 +19,7 @@ def _run_name(state) -> str:
 
 
 def test_run_failing_before_the_data_stage_is_named_for_workload_and_date(local_settings, prefect_harness, tmp_path):
-    from flows.flights import flights_tuning
+    from flows.workloads import flights_tuning
     from tuning_core.config import FlightsData, FlightsPipeline
 
     cfg = FlightsPipeline(data=FlightsData(source=str(tmp_path / "missing.csv")))

@@ -25,7 +25,7 @@ import mlflow
 import pytest
 from typer.testing import CliRunner
 
-import flows.flights  # noqa: F401 - Prefect binds its log handlers at import: not inside CliRunner's streams
+import flows.workloads  # noqa: F401 - Prefect binds its log handlers at import: not inside CliRunner's streams
 from flows.cli import app
 from tests.conftest import ASA_SAMPLE, RAY_WORKER_KEY_ID, RAY_WORKER_SECRET, free_port
 

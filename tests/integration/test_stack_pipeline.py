@@ -74,7 +74,7 @@ def stack_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def flow_summary(stack_dir, ray_local):
     """The flights flow, run once against the stack (Ray: the session's local instance)."""
-    from flows.flights import flights_tuning
+    from flows.workloads import flights_tuning
 
     env = stack.env(stack_dir, show_secrets=True)
     with pytest.MonkeyPatch.context() as mp, _stack_clients(mp, env):

@@ -20,8 +20,9 @@ import pyarrow.fs as pafs
 import pytest
 from typer.testing import CliRunner
 
-import flows.fashion_mnist  # noqa: F401 - imported here, not inside CliRunner: Prefect binds its log
-import flows.flights  # noqa: F401   handlers to the sys.stderr of the moment, which CliRunner swaps and closes
+# flows.workloads is imported here, not inside CliRunner: Prefect binds its log handlers to the sys.stderr of
+# the moment, which CliRunner swaps and closes.
+import flows.workloads  # noqa: F401
 from flows.cli import app
 from tests.conftest import ASA_SAMPLE, free_port
 
@@ -88,6 +89,19 @@ def _set(**changes: bytes) -> Callable[[dict[str, bytes]], None]:
     return lambda files: files.update(changes)
 
 
+def _table(name: str, **columns: list) -> Callable[[Path], str]:
+    """A small table (CSV or Parquet, by the name's suffix) with the given columns."""
+    def make(tmp: Path) -> str:
+        import pandas as pd
+
+        frame = pd.DataFrame(columns)
+        path = tmp / name
+        frame.to_parquet(path, index=False) if name.endswith(".parquet") else frame.to_csv(path, index=False)
+        return str(path)
+
+    return make
+
+
 def _yaml(text: str) -> Callable[[Path], str]:
     return _file("cfg.yaml", text)
 
@@ -121,6 +135,10 @@ def prepare_flights(make: Callable[[Path], str]) -> Callable:
 
 def run_fashion(make: Callable[[Path], str]) -> Callable:
     return lambda tmp: ["run", "fashion-mnist", "--data", make(tmp), "--num-samples", "2"]
+
+
+def run_tabular(make: Callable[[Path], str], *extra: str) -> Callable:
+    return lambda tmp: ["run", "tabular", "--data", make(tmp), "--num-samples", "2", *extra]
 
 
 def with_config(make: Callable[[Path], str]) -> Callable:
@@ -171,6 +189,23 @@ CASES: dict[str, Case] = {
                                            "10 images but 9 labels"),
     "idx files missing": Case(run_fashion(lambda tmp: (tmp / "empty").mkdir() or str(tmp / "empty")),
                               "no IDX files found"),
+    # ---- tables (the tabular workload)
+    "tabular: no such label column": Case(
+        run_tabular(_table("t.csv", x=[1, 2, 3, 4], y=[0, 1, 0, 1]), "--label", "target"),
+        "data.label 'target': no such column in"),
+    "tabular: one class only": Case(
+        run_tabular(_table("t.csv", x=list(range(20)), y=["yes"] * 20), "--label", "y"),
+        "data.label 'y': one class only ('yes')"),
+    "tabular: label all missing": Case(
+        run_tabular(_table("t.csv", x=list(range(20)), y=[None] * 20), "--label", "y"),
+        "data.label 'y': all 20 values are missing"),
+    "tabular: unsupported column type": Case(
+        run_tabular(_table("t.parquet", x=[[1, 2]] * 20, y=[0, 1] * 10), "--label", "y"),
+        "column 'x' has type list<element: int64>, which the tabular workload cannot use as a feature"),
+    "tabular: binary stated, three classes found": Case(
+        run_tabular(_table("t.csv", x=list(range(30)), y=["a", "b", "c"] * 10), "--label", "y", "--task", "binary"),
+        "task binary, but 3 classes"),
+    "tabular: label not given": Case(run_tabular(_table("t.csv", x=[1, 2], y=[0, 1])), "data.label: Field required"),
     # ---- config and search space
     "loguniform low <= 0": Case(with_config(_space("{type: loguniform, low: 0, high: 1}")), "needs low > 0"),
     "low >= high": Case(with_config(_space("{type: uniform, low: 2, high: 1}")), "needs low < high"),

@@ -89,7 +89,7 @@ def test_choice_fields_are_typed_from_the_registries():
 
 
 def test_prefect_form_offers_dropdowns_and_the_model_choice_reaches_the_space():
-    from flows.fashion_mnist import fashion_mnist_tuning
+    from flows.workloads import fashion_mnist_tuning
     from tuning_core.config import FASHION_SPACE, FashionPipeline
 
     definitions = fashion_mnist_tuning.parameters.model_dump()["definitions"]

