@@ -47,17 +47,9 @@ def _root(show_version: bool = typer.Option(False, "--version", is_eager=True, c
 
 
 def _quiet_env() -> None:
-    for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0",
-                 "GIT_PYTHON_REFRESH": "quiet",
-                 # Prefect's ephemeral API can take longer than its 20 s default on a busy machine.
-                 "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-                 "PREFECT_LOGGING_EXTRA_LOGGERS": "tuning_core,infra",
-                 # No telemetry from the embedded API: machines without internet (and its heartbeat
-                 # raced our SQLite writes: "database is locked" in the logs).
-                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
-                 "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}.items():
-        os.environ.setdefault(k, v)
+    from infra.process_env import apply_quiet_env
+
+    apply_quiet_env()
 
 
 def _set_storage(storage: str | None) -> None:
@@ -250,6 +242,9 @@ def _run(flow_fn: Any, cfg: Any, summary_json: Path | None, check: bool = False)
         return
     if api is not None:
         api.join()  # the flow's client finds the ephemeral API running
+    from infra import prefect_api
+
+    prefect_api.wait_ready()  # the local API the console script started first (infra/prefect_api.py)
     bar = _progress_bar() if sys.stderr.isatty() else None
     if bar:
         with bar:
@@ -446,7 +441,10 @@ def _print_stack(st: Any) -> None:
 
 
 def main() -> None:
+    from infra import prefect_api
+
     _quiet_env()  # before anything imports prefect/ray, which read their settings once
+    prefect_api.start_early(sys.argv[1:])  # already done when started as the console script
     logging.basicConfig(level=os.environ.get("TUNEPIPE_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app()
