@@ -299,7 +299,9 @@ class Tracker:
         """Set ``challenger`` and promote to ``champion`` only if it beats the current champion.
 
         The current champion is re-evaluated on today's test split (``evaluate_version``), not
-        trusted from old tags. The decision, both metrics and the previous champion are written as
+        trusted from old tags, unless its test metric was measured on this very data version (the
+        content hash names the test split, so the number cannot differ; reruns on unchanged data
+        then skip loading and scoring the champion). The decision, both metrics and the previous champion are written as
         tags on the version. A version that already has a decision keeps it (re-runs change nothing).
         """
         from mlflow.exceptions import MlflowException
@@ -318,7 +320,9 @@ class Tracker:
             promote, decision, previous = True, "already champion", str(version)
         else:
             previous = str(champion.version)
-            champ_value = evaluate_version(f"models:/{name}/{champion.version}")
+            champ_value = _score_on_same_data(champion, mv, metric)
+            if champ_value is None:
+                champ_value = evaluate_version(f"models:/{name}/{champion.version}")
             tags[f"tunepipe.champion_{metric}"] = f"{champ_value:.6f}"
             delta = challenger_value - champ_value if mode == "max" else champ_value - challenger_value
             if force:
@@ -373,6 +377,19 @@ class Tracker:
             return None
         raw = mv.tags.get("tunepipe.best_config")
         return json.loads(raw) if raw else None
+
+
+def _score_on_same_data(champion: Any, challenger: Any, metric: str) -> float | None:
+    """The champion's registered test ``metric`` if it was registered on the challenger's data
+    version (both carry ``data_version`` and ``test_<metric>`` tags from ``register``), else None."""
+    data = challenger.tags.get("data_version")
+    value = champion.tags.get(f"test_{metric}")
+    if not data or value is None or champion.tags.get("data_version") != data:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def _first_line(err: BaseException) -> str:

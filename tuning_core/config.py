@@ -44,7 +44,11 @@ class SchedulerOptions(_Frozen):
     """Options of the early-stopping schedulers; each scheduler reads the ones it knows."""
 
     grace_period: int = Field(1, ge=1, description="asha/hyperband/median: iterations before a trial may stop")
-    reduction_factor: float = Field(3.0, gt=1)
+    reduction_factor: float = Field(4.0, gt=1, description="asha/hyperband: keep 1/eta per rung (Ray's and "
+                                    "Optuna's default)")
+    asha_rule: Literal["top-k", "ray"] = Field(
+        "top-k", description="asha: top-k continues a trial only if it is in the top 1/eta of its rung, itself "
+                             "included (the ASHA paper, Optuna); ray: Ray's percentile of the other trials")
     brackets: int = Field(1, ge=1)
     perturbation_interval: int = Field(4, ge=1, description="pbt: iterations between exploits")
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)

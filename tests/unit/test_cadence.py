@@ -9,7 +9,7 @@ import pytest
 
 # The flights data fixtures of the runner's tests (data, version) are shared, not copied.
 from tests.unit.test_runner import LOCAL, data, tune_cfg, version  # noqa: F401
-from tuning_core.config import TuneConfig
+from tuning_core.config import SchedulerOptions, TuneConfig
 from tuning_core.runner import run_tuning
 from tuning_core.schedulers import create_scheduler, report_cadence
 from tuning_core.trainables.common import Cadence, per_actor
@@ -77,3 +77,37 @@ def test_asha_trials_report_only_at_rungs_and_keep_every_round(ray_local, data, 
     best = max(result.trials, key=lambda t: t.best_metric)
     peak = max(best.history, key=lambda h: h["auc"])
     assert result.best_iteration == peak["training_iteration"]
+
+
+# ----------------------------------------------------------------------------- ASHA's promotion rule
+def _decisions(rule: str, values: list[float], mode: str = "max") -> list[str]:
+    """Each trial reports ``value`` at rung 1 in arrival order; the scheduler's answers."""
+    from types import SimpleNamespace
+
+    from tuning_core.schedulers import SCHEDULERS
+
+    sched = SCHEDULERS["asha"](TuneConfig(scheduler="asha", max_iterations=64, scheduler_options=SchedulerOptions(
+        reduction_factor=4, asha_rule=rule)), {})
+    sched.set_search_properties("auc", mode)
+    out = []
+    for i, v in enumerate(values):
+        trial = SimpleNamespace(trial_id=f"t{i}")
+        sched.on_trial_add(None, trial)
+        out.append(sched.on_trial_result(None, trial, {"training_iteration": 1, "auc": v}))
+    return out
+
+
+def test_top_k_continues_only_the_top_quarter_of_a_rung_itself_included():
+    # n = 1..8 at rung 1, eta = 4: k = max(1, n // 4); continue when fewer than k trials are better.
+    values = [0.60, 0.55, 0.65, 0.62, 0.64, 0.70, 0.50, 0.66]
+    expected = ["CONTINUE", "STOP", "CONTINUE", "STOP", "STOP", "CONTINUE", "STOP", "CONTINUE"]
+    assert _decisions("top-k", values) == expected
+    # the same ranking for a metric to minimise
+    assert _decisions("top-k", [1 - v for v in values], mode="min") == expected
+
+
+def test_rays_rule_lets_more_trials_through_than_top_k():
+    values = [0.60, 0.55, 0.65, 0.62, 0.64, 0.70, 0.50, 0.66]
+    ray_rule, top_k = _decisions("ray", values), _decisions("top-k", values)
+    assert ray_rule.count("CONTINUE") > top_k.count("CONTINUE")
+    assert ray_rule[4] == "CONTINUE" and top_k[4] == "STOP"  # 0.64: 3rd of 5, above Ray's 75th percentile of 4

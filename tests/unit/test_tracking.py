@@ -409,6 +409,33 @@ def test_margin_keeps_a_slightly_better_challenger_out_until_forced(tracker, sam
     assert tracker.client.get_model_version(name, v2).tags["tunepipe.decision"] == forced.decision
 
 
+def test_a_champion_registered_on_the_same_data_version_is_not_scored_again(tracker, sample, boosters):
+    """Same content hash, same test split: the champion's registered test metric is the score; a
+    champion from another data version is loaded and scored on today's split."""
+    name = "flights-same-data"
+    run_id, uri = log_model(tracker, sample, boosters["strong"], "strong")
+    v1 = tracker.register(name, run_id, uri, {"data_version": sample.version, "test_auc": "0.612345"})
+    tracker.gate(name, v1, 0.612345, "auc", "max", 0.0, score(sample))
+    run_id, uri = log_model(tracker, sample, boosters["weak"], "weak")
+    v2 = tracker.register(name, run_id, uri, {"data_version": sample.version, "test_auc": "0.6"})
+    calls: list[str] = []
+
+    def never(model_uri: str) -> float:
+        calls.append(model_uri)
+        return 0.0
+
+    kept = tracker.gate(name, v2, 0.6, "auc", "max", 0.0, never)
+    assert calls == [] and not kept.promoted
+    assert tracker.client.get_model_version(name, v2).tags["tunepipe.champion_auc"] == "0.612345"
+
+    run_id, uri = log_model(tracker, sample, boosters["weak"], "weak-new-data")
+    v3 = tracker.register(name, run_id, uri, {"data_version": "another-version", "test_auc": "0.6"})
+    rescored = tracker.gate(name, v3, 0.6, "auc", "max", 0.0, score(sample))
+    tags = tracker.client.get_model_version(name, v3).tags
+    assert float(tags["tunepipe.champion_auc"]) == pytest.approx(score(sample)(f"models:/{name}/{v1}"), abs=1e-6)
+    assert tags["tunepipe.champion_auc"] != "0.612345" and rescored.champion_before == v1
+
+
 # ----------------------------------------------------------------------------- idempotency
 def test_register_and_gate_again_for_the_same_run_change_nothing(tracker, sample, boosters):
     name = "flights-delay"
