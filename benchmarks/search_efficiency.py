@@ -10,7 +10,7 @@ trials of up to ``--rounds`` boosting rounds for each seed:
 * ``hyperopt+asha``, ``optuna+asha``, ``random+fifo`` and ``hyperopt+fifo`` (the same searcher
   without early stopping, to tell the searcher's share from ASHA's): ``tuning_core.runner.run_tuning``,
   2 concurrent trials of 1 CPU on a local Ray with 2 CPUs, the pipeline's default search space and
-  ASHA options (grace period 1, reduction factor 3).
+  ASHA options (grace period 1, reduction factor 4, the top-k promotion rule).
 * ``fmin``: hyperopt's own ``fmin`` (TPE, same start-up points, same space), sequential and
   in-process without Ray, every trial to the last round (two seeds run at once, one per CPU).
 
@@ -63,6 +63,7 @@ from benchmarks.common import (
     run_ray_tuning,
     worker_startup,
 )
+from tuning_core.config import SchedulerOptions
 
 # 150k rows (train January to April, validate to late May, test to mid-June): enough signal for
 # the methods to differ (at 100k the validation window is so hard that every method lands within
@@ -76,7 +77,7 @@ RAY_METHODS = {"hyperopt+asha": ("hyperopt", "asha"), "optuna+asha": ("optuna", 
 METHODS = [*RAY_METHODS, "fmin"]
 REFERENCE = "random+fifo"
 TARGET_CPU_FRACTION = 0.25
-ASHA_REDUCTION = 3  # the pipeline's default reduction factor
+ASHA_REDUCTION = int(SchedulerOptions().reduction_factor)  # the pipeline's default
 TARGET_UPLIFT = 0.02
 
 
@@ -191,7 +192,7 @@ def measure(seeds: int = DEFAULTS["seeds"], trials: int = DEFAULTS["trials"], ro
         out = _summarise(runs, seeds, baseline_auc)
         out["config"] = {"seeds": seeds, "trials": trials, "rounds": rounds, "max_rows": max_rows,
                          "max_concurrent_trials": 2, "cpu_per_trial": 1, "ray_num_cpus": 2,
-                         "asha": f"grace_period {grace_period}, reduction_factor 3"
+                         "asha": f"grace_period {grace_period}, reduction_factor {ASHA_REDUCTION}, rule top-k"
                                  + (" (pipeline defaults)" if grace_period == 1 else "")}
         out["data"] = splits.describe()
         out["random_winner_at_asha_rungs"] = {
