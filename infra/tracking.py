@@ -23,7 +23,7 @@ from typing import Any
 from infra.settings import Settings
 from infra.storage import Storage, mlflow_s3_env, redact
 from tuning_core.errors import ServiceUnavailable, TrackingError
-from tuning_core.results import RegistryResult, TuningResult
+from tuning_core.results import RegistryResult, TrialRecord, TuningResult
 from tuning_core.workloads.base import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -167,8 +167,20 @@ class Tracker:
                                      tags={"mlflow.parentRunId": parent_id, key_tag: key, **source_tags()})
         return run.info.run_id, False
 
-    def log_trials(self, parent_id: str, tuning: TuningResult, mutated: list[str] | None = None) -> int:
+    def log_trials(self, parent_id: str, tuning: TuningResult, mutated: list[str] | None = None,
+                   logged: dict[str, int] | None = None) -> int:
         """One child run per trial, written from the driver; existing ones are updated, not duplicated.
+
+        ``logged``: trial id -> iterations this process already wrote for it (``log_trial`` during
+        the tuning): those trials are not read back again.
+        """
+        logged = logged or {}
+        return sum(self.log_trial(parent_id, t, tuning.metric, tuning.experiment_name, mutated)
+                   for t in tuning.trials if logged.get(t.trial_id) != t.iterations)
+
+    def log_trial(self, parent_id: str, t: TrialRecord, metric: str, experiment_name: str,
+                  mutated: list[str] | None = None) -> bool:
+        """The child run of one trial; True if anything was written.
 
         Parameters that PBT mutates are recorded as metric histories (``hp.<name>``) and a tag,
         since MLflow params are immutable.
@@ -176,45 +188,42 @@ class Tracker:
         from mlflow.entities import Metric, Param
 
         mutated = mutated or []
-        written = 0
-        for t in tuning.trials:
-            run_id, existed = self.child_run(parent_id, TAG_TRIAL, t.trial_id, f"trial-{t.trial_id}")
-            run = self.client.get_run(run_id)
-            if existed and run.data.metrics.get("training_iteration") == t.iterations \
-                    and run.info.status == "FINISHED":
-                continue  # unchanged since last time (resumed / re-run pipeline)
-            first = t.history[0] if t.history else {}
-            params = {k: (first.get(f"config/{k}", v) if k in mutated else v) for k, v in t.config.items()}
-            have = run.data.params
-            new_params = [Param(k, _param(v)) for k, v in params.items() if k not in have]
-            metrics = []
-            for h in t.history:
-                step = int(h.get("training_iteration", 0))
-                for k, v in h.items():
-                    if k == "training_iteration" or v is None:
-                        continue
-                    name = f"hp.{k.removeprefix('config/')}" if k.startswith("config/") else k
-                    if k.startswith("config/") and k.removeprefix("config/") not in mutated:
-                        continue
-                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                        metrics.append(Metric(name, float(v), 0, step))
-            metrics.append(Metric("training_iteration", float(t.iterations), 0, t.iterations))
-            if t.best_metric is not None:
-                metrics.append(Metric(f"best_{tuning.metric}", float(t.best_metric), 0, t.iterations))
-            if existed:  # rewrite history only from the steps not logged before
-                last = int(run.data.metrics.get("training_iteration", 0))
-                metrics = [m for m in metrics if m.step > last]
-            tags = {"status": t.status, "tunepipe.experiment": tuning.experiment_name}
-            if mutated:
-                tags["tunepipe.pbt_mutated"] = ",".join(mutated)
-            for i in range(0, len(metrics), 900):
-                self.client.log_batch(run_id, metrics=metrics[i:i + 900],
-                                      params=new_params if i == 0 else [], tags=_tags(tags) if i == 0 else [])
-            if not metrics:
-                self.client.log_batch(run_id, params=new_params, tags=_tags(tags))
-            self.client.set_terminated(run_id, "FINISHED" if t.status != "ERROR" else "FAILED")
-            written += 1
-        return written
+        run_id, existed = self.child_run(parent_id, TAG_TRIAL, t.trial_id, f"trial-{t.trial_id}")
+        run = self.client.get_run(run_id)
+        if existed and run.data.metrics.get("training_iteration") == t.iterations \
+                and run.info.status == "FINISHED":
+            return False  # unchanged since last time (resumed / re-run pipeline)
+        first = t.history[0] if t.history else {}
+        params = {k: (first.get(f"config/{k}", v) if k in mutated else v) for k, v in t.config.items()}
+        have = run.data.params
+        new_params = [Param(k, _param(v)) for k, v in params.items() if k not in have]
+        metrics = []
+        for h in t.history:
+            step = int(h.get("training_iteration", 0))
+            for k, v in h.items():
+                if k == "training_iteration" or v is None:
+                    continue
+                name = f"hp.{k.removeprefix('config/')}" if k.startswith("config/") else k
+                if k.startswith("config/") and k.removeprefix("config/") not in mutated:
+                    continue
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    metrics.append(Metric(name, float(v), 0, step))
+        metrics.append(Metric("training_iteration", float(t.iterations), 0, t.iterations))
+        if t.best_metric is not None:
+            metrics.append(Metric(f"best_{metric}", float(t.best_metric), 0, t.iterations))
+        if existed:  # rewrite history only from the steps not logged before
+            last = int(run.data.metrics.get("training_iteration", 0))
+            metrics = [m for m in metrics if m.step > last]
+        tags = {"status": t.status, "tunepipe.experiment": experiment_name}
+        if mutated:
+            tags["tunepipe.pbt_mutated"] = ",".join(mutated)
+        for i in range(0, len(metrics), 900):
+            self.client.log_batch(run_id, metrics=metrics[i:i + 900],
+                                  params=new_params if i == 0 else [], tags=_tags(tags) if i == 0 else [])
+        if not metrics:
+            self.client.log_batch(run_id, params=new_params, tags=_tags(tags))
+        self.client.set_terminated(run_id, "FINISHED" if t.status != "ERROR" else "FAILED")
+        return True
 
     def log_files(self, run_id: str, files: dict[str, bytes], artifact_path: str | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -331,7 +340,6 @@ class Tracker:
                 promote, decision = True, f"promoted: beats champion v{previous} by {delta:+.6f} (margin {margin})"
             else:
                 promote, decision = False, f"kept champion v{previous}: delta {delta:+.6f} < margin {margin}"
-        tags["tunepipe.decision"] = decision
         if previous:
             tags["tunepipe.previous_champion"] = previous
         for k, v in tags.items():
@@ -345,6 +353,9 @@ class Tracker:
                 pass
         else:
             self.client.set_registered_model_alias(name, CHALLENGER, version)
+        # The decision goes last: it marks the gate as done. Written before the aliases, a run killed in
+        # between left a decision whose alias was never set, and its rerun returned that decision as is.
+        self.client.set_model_version_tag(name, version, "tunepipe.decision", decision)
         return self._result(name, version, decision, previous)
 
     def _result(self, name: str, version: str, decision: str, previous: str | None) -> RegistryResult:

@@ -29,7 +29,7 @@ from infra.storage import Storage, build_storage, filesystem_for, redact, source
 from infra.tracking import TAG_STAGE, Tracker
 from tuning_core.config import ParamSpec, config_hash
 from tuning_core.errors import ConfigError
-from tuning_core.results import DataVersion, RegistryResult, RetrainResult, TuningResult
+from tuning_core.results import DataVersion, RegistryResult, RetrainResult, TrialRecord, TuningResult
 from tuning_core.runner import experiment_name, run_tuning, validate
 from tuning_core.search import edge_configs
 from tuning_core.sources import DataSource
@@ -194,28 +194,43 @@ def tune(cfg: Pipeline, ctx: Context, version: DataVersion,
     name = experiment_for(cfg, version)
     tracker = ctx.tracker()
 
-    def fan_out(event: dict[str, Any]) -> None:
-        for listener in [progress, *PROGRESS_LISTENERS]:
-            if listener is not None:
-                listener(event)
+    mutated = []
+    if tune_cfg.scheduler == "pbt":
+        from tuning_core.schedulers import pbt_mutations
 
-    # The MLflow parent run is written while Ray starts the trials (the driver mostly waits then);
-    # in the flow's context, so that it is tagged with the flow run.
+        mutated = sorted(pbt_mutations(tune_cfg, space))
+    logged: dict[str, int] = {}  # trial id -> iterations written to its child run during the tuning
+
+    # MLflow is written from one thread while the driver mostly waits on Ray: the parent run while
+    # the trials start (in the flow's context, so that it is tagged with the flow run), then each
+    # trial's child run as it finishes. What fails there (MLflow unreachable) is written after the
+    # tuning, where an error fails the stage.
     with ThreadPoolExecutor(1, thread_name_prefix="tunepipe-mlflow") as pool:
         parent_future = pool.submit(contextvars.copy_context().run, parent_run, cfg, ctx, version, name, tracker)
+
+        def log_live(record: TrialRecord) -> None:
+            try:
+                tracker.log_trial(parent_future.result(), record, tune_cfg.metric, name, mutated)
+                logged[record.trial_id] = record.iterations
+            except Exception:  # noqa: BLE001 - the pass after the tuning writes it or fails the stage
+                log.debug("trial %s: child run not written during the tuning", record.trial_id, exc_info=True)
+
+        def fan_out(event: dict[str, Any]) -> None:
+            if event.get("record") is not None:
+                pool.submit(log_live, TrialRecord.model_validate(event["record"]))
+            for listener in [progress, *PROGRESS_LISTENERS]:
+                if listener is not None:
+                    listener(event)
+
         with ray_session(ctx.settings, ctx.storage):
             keyless = ctx.storage.is_s3 and workers_hold_keys(ctx.settings)
             fs = ctx.storage.fs_for_ray(ctx.settings) if keyless else ctx.storage.fs
             result = run_tuning(trainable, data, space, tune_cfg, fs, ctx.storage.path("ray"), name,
                                 progress=fan_out, uri_prefix="s3://" if ctx.storage.is_s3 else "")
         parent = parent_future.result()
-    mutated = []
-    if tune_cfg.scheduler == "pbt":
-        from tuning_core.schedulers import pbt_mutations
-
-        mutated = sorted(pbt_mutations(tune_cfg, space))
-    tracker.log_trials(parent, result, mutated=mutated)
-    tracker.touch(parent)  # keeps the parent's end time after its trials'
+    tracker.log_trials(parent, result, mutated=mutated, logged=logged)
+    tracker.touch(parent)
+  # keeps the parent's end time after its trials'
     return result
 
 

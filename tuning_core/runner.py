@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -145,11 +146,28 @@ def _driver_callbacks(cfg: TuneConfig, progress: Progress | None, extra: list[An
             if isinstance(value, (int, float)) and not math.isnan(value) and self._better(value):
                 self.best = float(value)
 
+        def record(self, trial: Any) -> TrialRecord | None:
+            """What the driver saw of a finished trial, as the final result will hold it (listeners log
+            it while other trials still run); None when it reported nothing here (a resumed trial)."""
+            rows = _by_iteration(self.rows.get(trial.trial_id, []))
+            if not rows:
+                return None
+            last = trial.last_result or {}
+            values = [v for h in rows if (v := _num(h.get(cfg.metric))) is not None]
+            return TrialRecord(
+                trial_id=str(trial.trial_id), config=_clean_config(trial.config or {}), status="TERMINATED",
+                iterations=int(last.get("training_iteration", 0)), metric=_num(last.get(cfg.metric)),
+                best_metric=(max if cfg.mode == "max" else min)(values) if values else None,
+                metrics={k: float(v) for k, v in last.items() if k in _HISTORY_METRICS and _num(v) is not None},
+                time_s=float(last.get("time_total_s", 0.0)), history=rows)
+
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.finished.add(trial.trial_id)
             done = len(self.finished | {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")})
             event = {"done": done, "total": cfg.num_samples, "best": self.best, "metric": cfg.metric,
-                     "trial_id": trial.trial_id}
+                     "trial_id": trial.trial_id, "record": self.record(trial)}
+            if event["record"] is not None:  # plain data: listeners may write events out as JSON
+                event["record"] = event["record"].model_dump(mode="json")
             log.info("trials %d/%d done, best %s=%s", done, cfg.num_samples, cfg.metric, self.best)
             if progress is not None:
                 progress(event)
@@ -276,6 +294,8 @@ def run_tuning(
                 stop=_stopper(cfg), callbacks=[*cbs, *_file_loggers()], verbose=0,
             ),
         )
+    # The reports' plotting libraries (~0.4 s of imports) load while the driver waits on the trials.
+    threading.Thread(target=_import_plotting, name="tunepipe-plot-imports", daemon=True).start()
     with _only_our_loggers():
         grid = tuner.fit()
     wall = time.monotonic() - started
@@ -382,8 +402,13 @@ def _history(result: Any, metric: str, live: list[dict[str, Any]]) -> list[dict[
         rows = [r for rec in df[keep + curves].to_dict(orient="records") for r in _history_rows(
             {**{k: v for k, v in rec.items() if not k.startswith("config/")}, "config": {
                 k.removeprefix("config/"): v for k, v in rec.items() if k.startswith("config/")}}, metric)]
+    return _by_iteration([*rows, *live])
+
+
+def _by_iteration(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per iteration, in order; the last report of an iteration wins."""
     by_iteration: dict[int, dict[str, Any]] = {}
-    for row in [*rows, *live]:
+    for row in rows:
         if _num(row.get("training_iteration")) is not None:
             by_iteration[int(row["training_iteration"])] = {**row, "training_iteration": int(row["training_iteration"])}
     return [by_iteration[i] for i in sorted(by_iteration)]
@@ -449,6 +474,15 @@ def _best_iteration(trial: TrialRecord, cfg: TuneConfig) -> int:
         return max(1, trial.iterations)
     pick = max if cfg.mode == "max" else min
     return int(pick(pts, key=lambda p: p[1])[0])
+
+
+def _import_plotting() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+    import tuning_core.plots  # noqa: F401
 
 
 def _write_reports(result: TuningResult, fs: pafs.FileSystem, exp_path: str) -> TuningResult:

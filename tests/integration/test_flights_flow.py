@@ -85,6 +85,43 @@ def test_flow_end_to_end_registers_champion_and_is_idempotent(env):
     assert len(trial_runs) == 3
 
 
+def test_trial_child_runs_are_written_during_the_tuning_and_a_failed_write_is_redone(env, monkeypatch):
+    """Each trial's MLflow child run is written as the trial finishes (not after the tuning); one that
+    fails then (MLflow unreachable) is written by the pass after the tuning, once."""
+    import threading
+
+    from infra.tracking import Tracker
+    from tasks import workloads
+
+    calls: list[tuple[str, str]] = []
+    real = Tracker.log_trial
+
+    def flaky(self, parent_id, t, *args, **kwargs):
+        calls.append((threading.current_thread().name, t.trial_id))
+        if len(calls) == 1:
+            raise ConnectionError("MLflow unreachable (test)")
+        return real(self, parent_id, t, *args, **kwargs)
+
+    monkeypatch.setattr(Tracker, "log_trial", flaky)
+    cfg = small_cfg(num_samples=3, model="flow-live-log", seed=11)
+    ctx = workloads.Context.build(env)
+    result = workloads.tune(cfg, ctx, workloads.prepare(cfg, ctx))
+
+    live = [tid for thread, tid in calls if thread.startswith("tunepipe-mlflow")]
+    after = [tid for thread, tid in calls if not thread.startswith("tunepipe-mlflow")]
+    assert sorted(live) == sorted(t.trial_id for t in result.trials)  # every trial, as it finished
+    assert after == [live[0]]  # only the failed one again, after the tuning
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tunepipe-flights").experiment_id],
+                              f"tags.`tunepipe.experiment` = '{result.experiment_name}'")
+    assert sorted(r.data.tags["tunepipe.trial_id"] for r in runs) == sorted(t.trial_id for t in result.trials)
+    for run in runs:
+        trial = next(t for t in result.trials if t.trial_id == run.data.tags["tunepipe.trial_id"])
+        assert run.info.status == "FINISHED" and run.data.metrics["training_iteration"] == trial.iterations
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "auc"))
+        assert steps == list(range(1, trial.iterations + 1))
+
+
 def _finished_trials(root) -> dict[str, int]:
     """trial folder → number of results, for trials TERMINATED in the newest saved experiment state.
 
