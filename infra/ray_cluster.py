@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from infra.ray_watchdog import watch_local_node
+from infra.ray_watchdog import watch_joined_cluster, watch_local_node
 from infra.settings import Settings
 from infra.storage import Storage
 from tuning_core.errors import ConfigError
@@ -209,8 +209,15 @@ def ray_session(settings: Settings, storage: Storage, num_cpus: int | None = Non
                 "multi-node tuning needs shared storage: set TUNEPIPE_STORAGE=s3://bucket/prefix"
             )
         log.info("Ray: %s, %d node(s), %s CPUs", where, len(alive), ray.cluster_resources().get("CPU"))
-        # A local Ray of ours that dies under the stage fails it, retryably (infra.ray_watchdog).
-        with watch_local_node() if where == "local" else contextlib.nullcontext():
+        # A local Ray of ours that dies under the stage fails it, retryably; a joined cluster whose head
+        # goes away fails it with one line (infra.ray_watchdog). A Ray the caller started is theirs to watch.
+        if where == "local":
+            watch = watch_local_node()
+        elif where == "existing":
+            watch = contextlib.nullcontext()
+        else:
+            watch = watch_joined_cluster(ray.get_runtime_context().gcs_address, settings.ray_address)
+        with watch:
             yield where
     finally:
         if started:

@@ -45,6 +45,12 @@ class ServiceUnavailable(TunepipeError):
     retryable = True
 
 
+class ClusterLost(ServiceUnavailable):
+    """A Ray cluster joined through RAY_ADDRESS went away: we did not start it and cannot restart it."""
+
+    retryable = False
+
+
 # Words in S3 client errors (pyarrow's curl, botocore) that mean the endpoint could not be reached.
 _UNREACHABLE = ("network_connection", "could not connect", "couldn't connect", "connection refused",
                 "connection reset", "connection aborted", "timed out", "timeout was reached", "broken pipe")
