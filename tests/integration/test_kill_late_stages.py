@@ -3,6 +3,7 @@ exactly one model version and the champion alias on it (issue 16, faults during 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -63,3 +64,56 @@ def test_sigkill_during_retrain_then_rerun_registers_exactly_one_version(tmp_pat
     # The rerun took over the killed run's lease and reused its tuning rather than tuning again.
     assert "resumed=True" in (tmp_path / "second.log").read_text(errors="replace") or \
         "Cached(type=COMPLETED)" in (tmp_path / "second.log").read_text(errors="replace")
+
+
+def _registry_rows(db: Path, model: str) -> tuple[list[int], dict[str, int]]:
+    """The model's versions and aliases as the MLflow SQLite store holds them right now (read-only)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as con:
+        versions = [v for (v,) in con.execute("select version from model_versions where name = ?", (model,))]
+        aliases = dict(con.execute("select alias, version from registered_model_aliases where name = ?", (model,)))
+    return versions, aliases
+
+
+def test_sigkill_during_registration_then_rerun_keeps_one_version_and_sets_the_champion(tmp_path):
+    import sqlite3
+
+    from mlflow import MlflowClient
+
+    storage, log, model = tmp_path / "store", tmp_path / "first.log", "kill-register"
+    db = storage / "mlflow.db"
+    first = _cli(storage, log, model)
+    procs = []
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # the registration stage has created the version: kill before it gates and sets aliases
+            assert first.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            with contextlib.suppress(sqlite3.OperationalError):  # no store yet, or locked by a write
+                if db.exists() and _registry_rows(db, model)[0]:
+                    break
+            time.sleep(0.002)
+        procs = process_tree([first.pid])
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        for p in still_alive(procs):
+            p.kill()
+    assert _registry_rows(db, model) == ([1], {}), "the kill landed after the registration set the aliases"
+
+    second = tmp_path / "second.log"
+    again = _cli(storage, second, model)
+    assert again.wait(timeout=240) == 0, second.read_text()[-3000:]
+    uri = f"sqlite:///{db}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    (version,) = client.search_model_versions(f"name='{model}'")
+    assert str(version.version) == "1"
+    assert str(client.get_model_version_by_alias(model, "champion").version) == "1"
+    assert version.tags["tunepipe.decision"] in ("first version: promoted", "already champion")
+    # The rerun reused the first run's retrained model rather than training and registering another.
+    retrains = client.search_runs([version.run_id and client.get_run(version.run_id).info.experiment_id],
+                                  "tags.`tunepipe.stage` = 'retrain'")
+    assert [r.info.run_id for r in retrains] == [version.run_id]

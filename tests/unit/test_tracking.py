@@ -372,6 +372,25 @@ def test_better_challenger_becomes_champion_and_tags_explain(tracker, sample, bo
     assert tracker.client.get_model_version(name, v1).aliases == []
 
 
+def test_gate_killed_before_its_aliases_decides_again_on_the_rerun(tracker, sample, boosters, monkeypatch):
+    """A registration killed after the gate's tags, before its alias: the rerun sets the champion alias."""
+    name = "flights-delay"
+    v1, strong = registered(tracker, sample, boosters["strong"], "strong", name)
+
+    def killed(*args: Any) -> None:
+        raise KeyboardInterrupt("killed")  # the process dies here
+
+    with monkeypatch.context() as m:
+        m.setattr(tracker.client, "set_registered_model_alias", killed)
+        with pytest.raises(KeyboardInterrupt):
+            tracker.gate(name, v1, strong, "auc", "max", 0.0, score(sample))
+    assert "tunepipe.decision" not in tracker.client.get_model_version(name, v1).tags
+
+    result = tracker.gate(name, v1, strong, "auc", "max", 0.0, score(sample))
+    assert result.promoted and aliases(tracker, name) == {"champion": v1}
+    assert tracker.client.get_model_version(name, v1).tags["tunepipe.decision"] == "first version: promoted"
+
+
 def test_worse_challenger_leaves_champion_and_gets_the_challenger_alias(tracker, sample, boosters):
     name = "flights-delay"
     v1, strong = registered(tracker, sample, boosters["strong"], "strong", name)
