@@ -57,6 +57,11 @@ def find_binary(name: str) -> str:
     raise TunepipeError(f"stack: executable {name!r} not found next to {sys.executable} or on PATH{hint}")
 
 
+# SeaweedFS's gRPC servers and the port of each (see ``Services.leftovers``).
+_WEED_GRPC = {"s3": "s3_grpc", "master": "weed_master_grpc", "volume": "weed_volume_grpc",
+              "filer": "weed_filer_grpc", "admin": "weed_admin_grpc"}
+
+
 @dataclass
 class Launch:
     """How to start one service, and how to tell that it is healthy."""
@@ -105,7 +110,9 @@ class Services:
 
         p = st.port
         argv = [
-            find_binary("weed"), "mini", f"-dir={data}",
+            # Logs to stderr (the service's log) only: by default glog also writes weed.<host>.<user>.log.*
+            # files into /tmp at every start, which nothing removes.
+            find_binary("weed"), "-logtostderr", "mini", f"-dir={data}",
             # Both flags: -ip alone leaves the listeners on 0.0.0.0, -ip.bind alone makes the volume
             # server advertise another address, so uploads through the filer fail.
             f"-ip={HOST}", f"-ip.bind={HOST}",
@@ -123,6 +130,15 @@ class Services:
         url = st.s3_endpoint()
         return Launch(argv=argv, env={}, cwd=st.dir / "s3", url=url, prepare=prepare,
                       probe=lambda: http_ok(f"{url}/healthz"), ready=self._s3_ready)
+
+    def leftovers(self, name: str) -> list[Path]:
+        """Files a service leaves outside the stack's folders once stopped: SeaweedFS opens a unix socket
+        per gRPC server at /tmp/seaweedfs-<part>-grpc-<port>.sock, a path no flag moves."""
+        if name != "s3":
+            return []
+        ports = self.state.data.get("ports", {})
+        return [Path(f"/tmp/seaweedfs-{part}-grpc-{ports[key]}.sock") for part, key in _WEED_GRPC.items()
+                if key in ports]
 
     def _s3_ready(self) -> bool:
         """The S3 API accepts our credentials and the bucket exists (created here the first time)."""

@@ -275,6 +275,8 @@ class Supervisor:
                 raise TunepipeError(f"stack service {name}: processes of pid {rec['pid']} survived SIGKILL; "
                                     f"see {st.log_file(name)}")
             st.run_file(name).unlink(missing_ok=True)
+            for path in self.services.leftovers(name):  # only now: the sockets are the stopped process's
+                path.unlink(missing_ok=True)
         if not any(st.alive(s) for s in SERVICES):
             # Sockets and Ray's session folder; data and logs stay in the state folder.
             shutil.rmtree(st.runtime_dir, ignore_errors=True)

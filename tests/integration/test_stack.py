@@ -131,6 +131,24 @@ def test_health_timeout_names_the_service_and_log_and_leaves_nothing_running(tmp
     assert not stack.runtime_dir(tmp_path).exists(), "sockets left behind"
 
 
+def test_down_leaves_no_seaweedfs_sockets_or_log_files_in_tmp(tmp_path):
+    """SeaweedFS opens its gRPC sockets at fixed /tmp paths and by default writes glog files into /tmp;
+    ``down()`` removes the sockets and the stack has it log to stderr only (found by benchmarks/soak.py)."""
+    stack.up(tmp_path, services=("s3",), timeout_s=60)
+    state = stack.StackState(tmp_path)
+    state.load()
+    weed_pid, ports = stack.status(tmp_path).pids()["s3"], state.data["ports"]
+    sockets = [Path(f"/tmp/seaweedfs-{part}-grpc-{ports[key]}.sock") for part, key in (
+        ("s3", "s3_grpc"), ("master", "weed_master_grpc"), ("volume", "weed_volume_grpc"),
+        ("filer", "weed_filer_grpc"), ("admin", "weed_admin_grpc"))]
+    try:
+        assert [s for s in sockets if s.exists()], "no SeaweedFS socket where it puts them: nothing to check"
+    finally:
+        stack.down(tmp_path)
+    assert [s for s in sockets if s.exists()] == []
+    assert list(Path("/tmp").glob(f"weed.*.{weed_pid}")) == []
+
+
 # ---- the seaweed_s3 fixture other integration tests use --------------------------------------------
 
 
