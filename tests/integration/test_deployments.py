@@ -70,7 +70,7 @@ def test_deploy_all_and_run_a_triggered_deployment(prefect_server, tmp_path):
 
     with SyncPrefectClient(url) as client:
         names = {d.name for d in client.read_deployments()}
-        assert {"flights-nightly", "fashion-mnist-manual", "batch-score"} <= names
+        assert {"flights-nightly", "fashion-mnist-manual", "tabular-manual", "batch-score"} <= names
         nightly = client.read_deployment_by_name("flights-tuning/flights-nightly")
         assert nightly.schedules and nightly.schedules[0].schedule.cron == "0 2 * * *"
         for deployment in client.read_deployments():  # one run at a time, the next one queued
