@@ -178,3 +178,11 @@ def test_run_tabular_registers_a_model_that_predicts_on_raw_rows(tmp_path, local
     assert set(out["label"]) <= {"benign", "malignant"}
     version = mlflow.MlflowClient().get_model_version_by_alias("tabular-e2e", "champion")
     assert version.tags["tunepipe.workload"] == "tabular"
+
+    # Batch scoring reads the table with the workload that registered the model.
+    scored = CliRunner().invoke(app, ["score", "--data", str(path), "--model-name", "tabular-e2e"])
+    assert scored.exit_code == 0, (scored.output, scored.exception)
+    report = json.loads(scored.stdout)
+    predictions = pd.read_parquet(report["output"])
+    assert report["rows"] == 569 and len(predictions) == 569
+    assert predictions["probability"].between(0, 1).all() and set(predictions["label"]) <= {"benign", "malignant"}
