@@ -149,6 +149,12 @@ def test_same_table_same_version_and_a_stated_task_wins(tmp_path):
     again = TABULAR.prepare(cfg, source, LOCAL, LOCAL, str(tmp_path / "store"))
     assert first.version == again.version and first.manifest["task"] == "regression"
     assert TABULAR.resolve(cfg, source, LOCAL) == cfg  # resolved once, resolved for good
+    # `tunepipe prepare` (task auto) and a run (the task resolved from the label) write one version.
+    auto = TabularPipeline(data={"source": path, "label": "target"})
+    resolved = TABULAR.resolve(auto, source, LOCAL)
+    assert resolved.data.task == "multiclass"
+    assert TABULAR.prepare(auto, source, LOCAL, LOCAL, str(tmp_path / "store")).version == \
+        TABULAR.prepare(resolved, source, LOCAL, LOCAL, str(tmp_path / "store")).version
 
 
 # --------------------------------------------------------------------------- end to end

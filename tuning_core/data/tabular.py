@@ -301,7 +301,8 @@ def prepare(cfg: Any, source: DataSource, source_fs: pafs.FileSystem, fs: pafs.F
 
     shaped_by = {"format_version": FORMAT_VERSION, "task": info.task, "classes": info.classes,
                  "label": cfg.label, "features": features, "categories": categories,
-                 "options": cfg.model_dump(mode="json", exclude={"source"})}
+                 # The task counts as detected (above), not as written: "auto" and its answer are one version.
+                 "options": cfg.model_dump(mode="json", exclude={"source", "task"})}
     digest = hash_bytes(*(pd.util.hash_pandas_object(splits[s], index=False).to_numpy().tobytes() for s in SPLITS),
                         json.dumps(shaped_by, sort_keys=True, default=str).encode())
     folder = f"{root.rstrip('/')}/data/{DATASET}/{digest}"
