@@ -230,7 +230,7 @@ def _run(flow_fn: Any, cfg: Any, summary_json: Path | None, check: bool = False)
 
     api = None if check else _API.pop("thread", None) or _start_prefect_api()
     ctx = workloads.Context.build(get_settings())
-    workloads.preflight(cfg, ctx)  # bad input: exit 2 before any write
+    cfg = workloads.preflight(cfg, ctx)  # bad input: exit 2 before any write; completed from the data
     if not check:
         workloads.warm_up(ctx.settings)
     if check:
