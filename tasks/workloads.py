@@ -264,11 +264,13 @@ def retrain(cfg: Pipeline, ctx: Context, version: DataVersion, tuning: TuningRes
         done = tracker.client.get_run(run_id)
         if done.info.status == "FINISHED" and "tunepipe.model_uri" in done.data.tags:
             return _retrain_result(done, tracker)
-    with tempfile.TemporaryDirectory() as tmp:
+    # What does not depend on the final model (the winning checkpoint, the search's plots and
+    # leaderboard) is logged from a second thread while the model trains in xgboost's or torch's.
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(1, thread_name_prefix="tunepipe-mlflow") as pool:
         ckpt_dir = None
         if tuning.best_checkpoint_uri:
             ckpt_dir = _download_checkpoint(ctx, tuning.best_checkpoint_uri, Path(tmp, "best_checkpoint"))
-            tracker.log_dir(parent, ckpt_dir, "best_checkpoint")
+        views = pool.submit(_log_search_views, ctx, tracker, run_id, parent, tuning, ckpt_dir)
         workload = workload_of(cfg)
         splits = _splits(cfg, ctx, version)
         final = workload.retrain(cfg, version, tuning, splits, ckpt_dir)
@@ -277,22 +279,12 @@ def retrain(cfg: Pipeline, ctx: Context, version: DataVersion, tuning: TuningRes
         spec = workload.model_spec(cfg, version, tuning, final, splits, model_dir)
         # The test metrics go in with the model, linked to it and to the test split.
         model_uri = tracker.log_model(run_id, spec)
+        views.result()
     params = {**{f"best.{k}": v for k, v in tuning.best_config.items()}, "rounds": final.rounds,
               "source": final.source, "best_trial_id": tuning.best_trial_id}
     tracker.log_params(run_id, params)  # those already there stay (MLflow params are immutable)
-    board = json.dumps(tuning.leaderboard_rows(), default=str, indent=1).encode()
-    tracker.log_files(run_id, {**final.plots, "leaderboard.json": board})
-    plots = {}
-    for name, uri in (("learning_curves.png", tuning.curves_png_uri), ("parallel_coordinates.png",
-                                                                      tuning.parallel_png_uri)):
-        if uri:
-            fs, p = filesystem_for(uri, ctx.settings)
-            with fs.open_input_stream(p) as f:
-                plots[name] = f.read()
-    if plots:
-        tracker.log_files(run_id, plots)
-    if "parallel_coordinates.png" in plots:  # the search's view also on the parent run, whose children are the trials
-        tracker.log_files(parent, {"parallel_coordinates.png": plots["parallel_coordinates.png"]})
+    if final.plots:
+        tracker.log_files(run_id, final.plots)
     tracker.set_tags(run_id, {"tunepipe.model_uri": model_uri, "tunepipe.best_config": json.dumps(tuning.best_config),
                               "tunepipe.checkpoint_uri": tuning.best_checkpoint_uri or "",
                               "data_version": version.version, "tunepipe.test_metrics": json.dumps(final.test_metrics),
@@ -301,6 +293,25 @@ def retrain(cfg: Pipeline, ctx: Context, version: DataVersion, tuning: TuningRes
     tracker.finish(run_id)
     tracker.finish(parent)
     return _retrain_result(tracker.client.get_run(run_id), tracker)
+
+
+def _log_search_views(ctx: Context, tracker: Tracker, run_id: str, parent: str, tuning: TuningResult,
+                      ckpt_dir: Path | None) -> None:
+    """The winning checkpoint on the parent run; the leaderboard and the search's plots on the retrain
+    run (the parallel coordinates also on the parent, whose children are the trials)."""
+    if ckpt_dir is not None:
+        tracker.log_dir(parent, ckpt_dir, "best_checkpoint")
+    board = json.dumps(tuning.leaderboard_rows(), default=str, indent=1).encode()
+    plots = {"leaderboard.json": board}
+    for name, uri in (("learning_curves.png", tuning.curves_png_uri), ("parallel_coordinates.png",
+                                                                      tuning.parallel_png_uri)):
+        if uri:
+            fs, p = filesystem_for(uri, ctx.settings)
+            with fs.open_input_stream(p) as f:
+                plots[name] = f.read()
+    tracker.log_files(run_id, plots)
+    if "parallel_coordinates.png" in plots:
+        tracker.log_files(parent, {"parallel_coordinates.png": plots["parallel_coordinates.png"]})
 
 
 def _retrain_result(run: Any, tracker: Tracker) -> RetrainResult:

@@ -62,6 +62,16 @@ def test_flow_end_to_end_registers_champion_and_is_idempotent(env):
     assert {"flights-data-report", "flights-leaderboard", "flights-tuning-progress", "flights-report"} <= \
         _artifact_keys()
 
+    # The retrain run holds the search's leaderboard and plots beside the model; the parent run the
+    # winning checkpoint and the parallel coordinates of its trials.
+    client = mlflow.MlflowClient()
+    retrain_run = client.get_run(summary["retrain"]["mlflow_run_id"])
+    assert {"leaderboard.json", "learning_curves.png", "parallel_coordinates.png"} <= \
+        {a.path for a in client.list_artifacts(retrain_run.info.run_id)}
+    parent_id = retrain_run.data.tags["mlflow.parentRunId"]
+    assert {"best_checkpoint", "parallel_coordinates.png"} <= {a.path for a in client.list_artifacts(parent_id)}
+    assert client.list_artifacts(parent_id, "best_checkpoint")
+
     # A registry consumer loads the champion and predicts on canonical features.
     model = mlflow.pyfunc.load_model("models:/flow-test@champion")
     from infra.storage import build_storage
