@@ -1,4 +1,6 @@
-"""Typed pipeline configuration: one model per pipeline, loadable from YAML.
+"""Typed pipeline configuration: the sections every pipeline shares (tune, retrain, registry) and the
+data sections the readers take; each workload's own config model (``FlightsPipeline``, ...) lives in its
+module under ``tuning_core/workloads/`` and is loadable from YAML with ``build_config``.
 
 The same models are the Prefect flows' parameters, so the Prefect UI renders them
 as a form with defaults and validation. Every model is frozen and forbids unknown
@@ -16,7 +18,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tuning_core.errors import ConfigError
-from tuning_core.models import MODEL_NAMES
 from tuning_core.schedulers import SCHEDULERS
 from tuning_core.search import SEARCHERS
 from tuning_core.space import (  # noqa: F401 - re-exported: configs and callers name them here
@@ -37,7 +38,6 @@ class _Frozen(BaseModel):
 # renders a dropdown, and the CLI lists them; adding a searcher/scheduler/model adds it everywhere.
 SearchName = Literal[tuple(SEARCHERS)]  # type: ignore[valid-type]
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
-ModelName = Literal[tuple(MODEL_NAMES)]  # type: ignore[valid-type]
 
 
 class SchedulerOptions(_Frozen):
@@ -147,54 +147,18 @@ class RegistryConfig(_Frozen):
 DEFAULT_MODEL_NAME: str = RegistryConfig().model_name
 
 
-class FlightsPipeline(_Frozen):
-    """The flights pipeline's parameters: data → tune → retrain → register."""
-
-    workload: Literal["flights"] = "flights"
-    data: FlightsData = FlightsData()
-    tune: TuneConfig = TuneConfig()
-    retrain: RetrainConfig = RetrainConfig()
-    registry: RegistryConfig = RegistryConfig()
-    run_id: str | None = Field(None, description="explicit experiment id; default: derived from data and config")
-    warm_start_from_champion: bool = Field(False, description="try the registry champion's config first")
+# The pipelines' config models live with their workloads (``tuning_core/workloads/<name>.py``); these names
+# stay importable from here, looked up on first use (the workload modules import this one, so not at import).
+_MOVED = {"FlightsPipeline": "flights", "FashionPipeline": "fashion_mnist", "FASHION_TUNE": "fashion_mnist",
+          "FASHION_REGISTRY": "fashion_mnist", "ModelName": "fashion_mnist"}
 
 
-FASHION_TUNE = TuneConfig(search="hyperopt", scheduler="asha", metric="mean_accuracy", mode="max", num_samples=4,
-                          max_iterations=5, checkpoint_every=1)
-FASHION_REGISTRY = RegistryConfig(model_name="tunepipe-fashion-mnist", metric="accuracy")
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
 
-
-class FashionPipeline(_Frozen):
-    """The FashionMNIST pipeline's parameters: data → tune → retrain → register."""
-
-    workload: Literal["fashion-mnist"] = "fashion-mnist"
-    data: FashionData
-    tune: TuneConfig = FASHION_TUNE
-    retrain: RetrainConfig = RetrainConfig()
-    registry: RegistryConfig = FASHION_REGISTRY
-    run_id: str | None = None
-    warm_start_from_champion: bool = False
-    model: ModelName | None = Field(None, description="the network to tune (sets the search space's 'model' "
-                                                      "entry); None: the space's own entry, cnn by default")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _partial_sections_keep_workload_defaults(cls, data: Any) -> Any:
-        """A partial ``tune``/``registry`` (YAML, CLI, Prefect form) overrides the FashionMNIST defaults,
-        not TuneConfig's generic ones (whose metric is the flights' ``auc``). ``model`` is written into
-        the search space, the one place trials read it from."""
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        for key, default in (("tune", FASHION_TUNE), ("registry", FASHION_REGISTRY)):
-            if isinstance(data.get(key), dict):
-                data[key] = {**default.model_dump(), **data[key]}
-        tune = data.get("tune", FASHION_TUNE)
-        if data.get("model") is not None and isinstance(tune, dict | TuneConfig):
-            tune = tune.model_dump() if isinstance(tune, TuneConfig) else dict(tune)
-            tune["space"] = {**(tune.get("space") or FASHION_SPACE), "model": data["model"]}
-            data["tune"] = tune
-        return data
+        return getattr(importlib.import_module(f"tuning_core.workloads.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def config_hash(cfg: BaseModel) -> str:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from tuning_core.config import FashionPipeline
+from pydantic import Field, model_validator
+
+from tuning_core.config import FashionData, RegistryConfig, RetrainConfig, TuneConfig, _Frozen
 from tuning_core.models import MODEL_NAMES
 from tuning_core.results import DataVersion, TuningResult
 from tuning_core.sources import DataSource
@@ -24,6 +26,47 @@ if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
     from tuning_core.retrain import FinalModel
+
+# Choices typed from the model table: pydantic refuses other names, the Prefect form renders a dropdown.
+ModelName = Literal[tuple(MODEL_NAMES)]  # type: ignore[valid-type]
+
+FASHION_TUNE = TuneConfig(search="hyperopt", scheduler="asha", metric="mean_accuracy", mode="max", num_samples=4,
+                          max_iterations=5, checkpoint_every=1)
+FASHION_REGISTRY = RegistryConfig(model_name="tunepipe-fashion-mnist", metric="accuracy")
+
+
+class FashionPipeline(_Frozen):
+    """The FashionMNIST pipeline's parameters: data → tune → retrain → register."""
+
+    workload: Literal["fashion-mnist"] = "fashion-mnist"
+    data: FashionData
+    tune: TuneConfig = FASHION_TUNE
+    retrain: RetrainConfig = RetrainConfig()
+    registry: RegistryConfig = FASHION_REGISTRY
+    run_id: str | None = None
+    warm_start_from_champion: bool = False
+    model: ModelName | None = Field(None, description="the network to tune (sets the search space's 'model' "
+                                                      "entry); None: the space's own entry, cnn by default")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_sections_keep_workload_defaults(cls, data: Any) -> Any:
+        """A partial ``tune``/``registry`` (YAML, CLI, Prefect form) overrides the FashionMNIST defaults,
+        not TuneConfig's generic ones (whose metric is the flights' ``auc``). ``model`` is written into
+        the search space, the one place trials read it from."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key, default in (("tune", FASHION_TUNE), ("registry", FASHION_REGISTRY)):
+            if isinstance(data.get(key), dict):
+                data[key] = {**default.model_dump(), **data[key]}
+        tune = data.get("tune", FASHION_TUNE)
+        if data.get("model") is not None and isinstance(tune, dict | TuneConfig):
+            tune = tune.model_dump() if isinstance(tune, TuneConfig) else dict(tune)
+            tune["space"] = {**(tune.get("space") or FASHION_SPACE), "model": data["model"]}
+            data["tune"] = tune
+        return data
+
 
 # Untuned reference: the default small CNN with plain SGD defaults, same epochs and data.
 DEFAULT_CONFIG = {"model": "cnn", "width": 32, "lr": 0.01, "momentum": 0.9, "batch_size": 64, "weight_decay": 0.0}

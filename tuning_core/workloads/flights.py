@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from tuning_core.config import FlightsData, FlightsPipeline
+from pydantic import Field
+
+from tuning_core.config import FlightsData, RegistryConfig, RetrainConfig, TuneConfig, _Frozen
 from tuning_core.results import DataVersion, TuningResult
 from tuning_core.sources import DataSource
 from tuning_core.space import FLIGHTS_SPACE
@@ -33,6 +35,18 @@ if TYPE_CHECKING:
     from tuning_core.retrain import FinalModel
 
 _DEFAULT_DATA = FlightsData()
+
+
+class FlightsPipeline(_Frozen):
+    """The flights pipeline's parameters: data → tune → retrain → register."""
+
+    workload: Literal["flights"] = "flights"
+    data: FlightsData = FlightsData()
+    tune: TuneConfig = TuneConfig()
+    retrain: RetrainConfig = RetrainConfig()
+    registry: RegistryConfig = RegistryConfig()
+    run_id: str | None = Field(None, description="explicit experiment id; default: derived from data and config")
+    warm_start_from_champion: bool = Field(False, description="try the registry champion's config first")
 
 
 class Flights(Workload):
