@@ -61,3 +61,28 @@ def test_local_ray_node_killed_under_a_session_fails_it_retryably_and_a_fresh_on
     assert "the local Ray node died during tuning (its raylet killed by SIGKILL" in lost
     assert float(lost.split(" after ")[1].split("s:")[0]) < 10  # detected at once, not after Ray's own timeouts
     assert "fresh local 42" in lines
+
+
+def test_joined_cluster_whose_gcs_refuses_connections_ends_the_block_with_one_unretryable_line():
+    """The probe of a joined cluster: a GCS port that answers is fine; one that refuses connections
+    for the grace period is a lost cluster, named by the address the user gave (RAY_ADDRESS)."""
+    import socket
+    import time
+
+    import pytest
+
+    from infra.ray_watchdog import watch_joined_cluster
+    from tuning_core.errors import ClusterLost
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        up = f"127.0.0.1:{listening.getsockname()[1]}"
+        with watch_joined_cluster(up, "head:6379", interval_s=0.1, grace_s=0.3):
+            time.sleep(1)  # answers throughout: nothing happens
+    with pytest.raises(ClusterLost) as lost:  # the port is closed now
+        with watch_joined_cluster(up, "head:6379", interval_s=0.1, grace_s=0.3):
+            time.sleep(1.5)
+    assert not lost.value.retryable and lost.value.exit_code == 2
+    assert str(lost.value).startswith("the Ray cluster at head:6379 (RAY_ADDRESS) went away during tuning (its head "
+                                      f"(GCS at {up}) has refused connections for 0.3 s")
