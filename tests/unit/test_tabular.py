@@ -157,6 +157,31 @@ def test_same_table_same_version_and_a_stated_task_wins(tmp_path):
         TABULAR.prepare(resolved, source, LOCAL, LOCAL, str(tmp_path / "store")).version
 
 
+def test_an_s3_prefix_of_csv_and_parquet_files_reads_as_one_table(tmp_path, s3_settings):
+    """Files under an s3:// prefix (moto), one CSV and one Parquet part: the same version as the table read
+    locally from a folder holding the same parts."""
+    from infra.storage import boto3_client, source_filesystem
+
+    frame = pd.read_csv(breast_cancer_csv(tmp_path))
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    frame.iloc[:300].to_csv(parts / "a.csv", index=False)
+    frame.iloc[300:].to_parquet(parts / "b.parquet", index=False)
+    bucket = s3_settings.storage.removeprefix("s3://").split("/")[0]
+    for part in ("a.csv", "b.parquet"):
+        boto3_client(s3_settings).upload_file(str(parts / part), bucket, f"tables/cancer/{part}")
+    versions = []
+    for where in (f"s3://{bucket}/tables/cancer", str(parts)):
+        cfg = TabularPipeline(data={"source": where, "label": "diagnosis"})
+        source = TABULAR.data_source(cfg)
+        source_fs = source_filesystem(source, s3_settings)
+        cfg = TABULAR.resolve(cfg, source, source_fs)
+        assert cfg.data.task == "binary" and source.is_s3 == where.startswith("s3://")
+        versions.append(TABULAR.prepare(cfg, source, source_fs, LOCAL, str(tmp_path / "store")))
+    assert versions[0].version == versions[1].version and sum(versions[0].rows.values()) == 569
+    assert versions[0].manifest["source"] == f"s3://{bucket}/tables/cancer"
+
+
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_run_tabular_registers_a_model_that_predicts_on_raw_rows(tmp_path, local_settings, prefect_harness,
