@@ -279,8 +279,9 @@ def prepare(cfg: Any, source: DataSource, source_fs: pafs.FileSystem, fs: pafs.F
     info = inspect_label(table.column(cfg.label), cfg.label, task, src)
     frame = pd.DataFrame({name: _feature_values(table.column(name), kind) for name, kind in features.items()})
     labels = table.column(cfg.label).to_pandas()
-    keep = labels.notna().to_numpy().copy()
-    if cfg.split == "time":
+    labelled = labels.notna().to_numpy()
+    keep = labelled.copy()
+    if cfg.split == "time":  # a row without a time cannot be placed before or after the others
         frame["__time"] = _times(table.column(cfg.time_column), cfg.time_column, src)
         keep &= pd.notna(frame["__time"]).to_numpy()
     if info.task == "regression":
@@ -289,7 +290,7 @@ def prepare(cfg: Any, source: DataSource, source_fs: pafs.FileSystem, fs: pafs.F
         codes = {value: i for i, value in enumerate(info.classes)}
         frame[cfg.label] = labels.map(lambda v: codes.get(_class_key(v, info.classes), -1) if pd.notna(v) else -1)
     frame = frame[keep].reset_index(drop=True)
-    dropped = {"no_label": int((~keep).sum()), "max_rows": 0}
+    dropped = {"no_label": int((~labelled).sum()), "no_time": int((labelled & ~keep).sum()), "max_rows": 0}
     if cfg.max_rows is not None and len(frame) > cfg.max_rows:
         dropped["max_rows"] = len(frame) - cfg.max_rows
         frame = frame.iloc[: cfg.max_rows]
