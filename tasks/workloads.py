@@ -140,6 +140,10 @@ def preflight(cfg: Pipeline, ctx: Context) -> Pipeline:
     reported = workload.reported_metrics(cfg)
     if cfg.tune.metric not in reported:
         raise ConfigError(f"tune.metric {cfg.tune.metric!r}: the {cfg.workload} trainable reports {list(reported)}")
+    tested = workload.test_metrics(cfg)
+    if cfg.registry.metric not in tested:
+        raise ConfigError(f"registry.metric {cfg.registry.metric!r}: the {cfg.workload} model is evaluated on the "
+                          f"test split with {list(tested)}; expected one of them")
     check_trial_configs(cfg, space)
     check_local_resources(ctx.settings, cfg.tune.resources.cpu, cfg.tune.resources.gpu)
     workload.check_data(cfg, source, source_fs)

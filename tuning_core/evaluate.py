@@ -7,6 +7,11 @@ from typing import Any
 
 import numpy as np
 
+# The test metrics each evaluation returns (``registry.metric`` must be one of them).
+BINARY_METRICS = ("auc", "logloss", "accuracy", "error")
+MULTICLASS_METRICS = ("accuracy", "error", "logloss")
+REGRESSION_METRICS = ("rmse", "mae", "r2")
+
 
 def binary_metrics(y_true: np.ndarray, proba: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     from sklearn.metrics import log_loss, roc_auc_score

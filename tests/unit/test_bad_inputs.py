@@ -243,6 +243,9 @@ CASES: dict[str, Case] = {
     "trial needs more GPUs than local Ray has": Case(
         with_config(_yaml("tune:\n  resources: {cpu: 1, gpu: 64}\n")),
         "tune.resources: one trial needs cpu=1, gpu=64, but the local Ray"),
+    # Checked before the run, not at registration after the tuning and the retrain.
+    "registry metric the model is not evaluated on": Case(with_config(_yaml("registry:\n  metric: f1\n")),
+                                                          "registry.metric 'f1': the flights model is evaluated"),
     "config file missing": Case(lambda tmp: ["run", "flights", "--config", str(tmp / "none.yaml")], "not found"),
     "model name with illegal characters": Case(run_flights(None, "--model-name", "my model/v1"),
                                                "registry.model_name"),

@@ -134,6 +134,7 @@ class Workload(ABC):
     config_model: ClassVar[type[BaseModel]]
     default_space: ClassVar[SearchSpace]
     trial_metrics: ClassVar[tuple[str, ...]]
+    evaluated_metrics: ClassVar[tuple[str, ...]]  # on the test split (``tuning_core.evaluate``)
     title: ClassVar[str]  # one line for flows, --help and the Prefect UI
     data_help: ClassVar[str]  # the --data help
     cli_options: ClassVar[tuple[CliOption, ...]] = ()
@@ -147,6 +148,10 @@ class Workload(ABC):
     def reported_metrics(self, cfg: PipelineConfig) -> tuple[str, ...]:
         """What the trainable reports per iteration (``tune.metric`` must be one of them)."""
         return self.trial_metrics
+
+    def test_metrics(self, cfg: PipelineConfig) -> tuple[str, ...]:
+        """What the evaluation on the test split returns (``registry.metric`` must be one of them)."""
+        return self.evaluated_metrics
 
     def resolve(self, cfg: PipelineConfig, source: DataSource, source_fs: pafs.FileSystem) -> PipelineConfig:
         """The config with what depends on the data filled in (e.g. a task detected from the label and

