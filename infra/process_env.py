@@ -14,6 +14,10 @@ QUIET_ENV = {
     # No telemetry from the embedded API: machines without internet (and its heartbeat
     # raced our SQLite writes: "database is locked" in the logs).
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The CLI prints its own lines and table; MLflow's INFO chatter (database set-up on a fresh store,
+    # "Created version", input-example validation) and artifact progress bars only bury them.
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
     "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
 }
