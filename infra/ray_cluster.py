@@ -17,7 +17,7 @@ from typing import Any
 from infra.ray_watchdog import watch_joined_cluster, watch_local_node
 from infra.settings import Settings
 from infra.storage import Storage
-from tuning_core.errors import ConfigError
+from tuning_core.errors import ConfigError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,12 @@ def check_local_resources(settings: Settings, cpu: float, gpu: float) -> None:
     """Before anything is written: a local Ray (no RAY_ADDRESS) must be able to hold one trial.
 
     The local Ray gets ``TUNEPIPE_RAY_NUM_CPUS`` or all CPUs, and the GPUs CUDA shows (Ray honours
-    CUDA_VISIBLE_DEVICES too). A remote cluster is checked when the tuning stage connects to it
-    (``tuning_core.runner``), since its nodes are only known then.
+    CUDA_VISIBLE_DEVICES too). A remote cluster must answer at its address (``check_cluster_answers``);
+    its nodes are checked when the tuning stage connects to it (``tuning_core.runner``), since they are
+    only known then.
     """
     if settings.ray_address:
+        check_cluster_answers(settings.ray_address)
         return
     cpus = settings.ray_num_cpus or os.cpu_count() or 1
     gpus = _visible_gpus() if gpu > 0 else 0
@@ -59,6 +61,22 @@ def check_local_resources(settings: Settings, cpu: float, gpu: float) -> None:
         raise ConfigError(f"tune.resources: one trial needs cpu={cpu:g}, gpu={gpu:g}, but the local Ray gets "
                           f"{cpus} CPU, {gpus} GPU; expected at most that per trial (or set RAY_ADDRESS to a "
                           "cluster with such nodes)")
+
+
+def check_cluster_answers(address: str, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) RAY_ADDRESS must accept a connection: ``ray.init`` on an
+    address where nothing listens waits for minutes (seen: over 3) before it gives up. Other forms
+    ("auto") are left to Ray."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ServiceUnavailable(f"RAY_ADDRESS {address}: no Ray cluster answers there ({err.strerror or err}); "
+                                 "start it, or unset RAY_ADDRESS to tune on a local Ray") from None
 
 
 def _visible_gpus() -> int:
@@ -193,6 +211,7 @@ def ray_session(settings: Settings, storage: Storage, num_cpus: int | None = Non
     elif ray.is_initialized():
         where = "existing"
     elif settings.ray_address:
+        check_cluster_answers(settings.ray_address)  # again: a stage retry may come long after the preflight
         ray.init(address=settings.ray_address, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": _storage_env(settings)})
         where = settings.ray_address

@@ -1,8 +1,8 @@
 """Faults of a Ray cluster that a run joined through RAY_ADDRESS (one we did not start; issue 16, part 3).
 
-* the cluster's only node dies mid-tune: the run stops with one clear line and a non-zero exit
-  instead of hanging (``infra.ray_watchdog`` watches only a local Ray of our own; a cluster we
-  joined is not restarted by us);
+* the cluster's only node dies mid-tune: the run stops with one clear line and exit code 2 within
+  seconds instead of Ray ending it silently after 60 s (``infra.ray_watchdog``: a cluster we joined
+  is not restarted by us); a run started while it is still down stops at once with one line;
 * on the two-node cluster, the worker node is killed mid-tune: its trial is restored on the head
   node from its last checkpoint and the run finishes, every trial once.
 
@@ -104,6 +104,12 @@ def test_joined_cluster_dying_mid_tune_fails_with_one_line_and_does_not_hang(sha
     while (left := [p for p in psutil.process_iter() if _session(p) == run.proc.pid]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert left == [], [p.cmdline() for p in left]
+
+    # Run again while the cluster is still down: one line at once, not minutes in ray.init.
+    again = Run(tmp, env, "cluster-still-down", TUNEPIPE_RETRY_DELAY_S="1", **cluster_env)
+    assert again.wait(60) == 2
+    assert again.error_lines() == [f"error: RAY_ADDRESS {cluster_env['RAY_ADDRESS']}: no Ray cluster answers there "
+                                   "(Connection refused); start it, or unset RAY_ADDRESS to tune on a local Ray"]
 
 
 def _session(proc: psutil.Process) -> int | None:

@@ -57,3 +57,26 @@ def test_ray_started_ahead_is_adopted_and_shut_down_by_the_session(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "session local 42" in done.stdout
     assert "not the main thread" not in done.stderr
+
+
+def test_a_ray_address_where_nothing_listens_is_one_line_before_anything_starts():
+    """ray.init on such an address waits for minutes; the preflight says so at once."""
+    import socket
+
+    import pytest
+
+    from infra.ray_cluster import check_local_resources
+    from infra.settings import Settings
+    from tuning_core.errors import ServiceUnavailable
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        check_local_resources(Settings(ray_address=address), cpu=64, gpu=0)  # answers; its nodes are Ray's to check
+        check_local_resources(Settings(ray_address="auto"), cpu=1, gpu=0)  # not a host:port: left to Ray
+    for given in (address, f"ray://{address}"):
+        with pytest.raises(ServiceUnavailable) as err:
+            check_local_resources(Settings(ray_address=given), cpu=1, gpu=0)
+        assert str(err.value) == (f"RAY_ADDRESS {given}: no Ray cluster answers there (Connection refused); start it, "
+                                  "or unset RAY_ADDRESS to tune on a local Ray")
