@@ -16,6 +16,7 @@ page shows them; and to the code, with MLflow's ``mlflow.source.git.commit`` tag
 from __future__ import annotations
 
 import importlib.metadata
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -132,7 +133,12 @@ def dataset_input_numpy(x: np.ndarray, y: np.ndarray, source: str, name: str, di
         return mlflow.data.from_numpy(x, targets=y, source=source, name=name, digest=digest[:36])
 
 
-def load_pyfunc(model_uri: str) -> Any:
+@contextmanager
+def loaded_pyfunc(model_uri: str) -> Iterator[Any]:
+    """The model at ``model_uri``, downloaded into a temporary folder removed once the block ends.
+    (``mlflow.pyfunc.load_model`` alone downloads into a folder of its own that it never removes:
+    one per champion re-evaluation and batch scoring, left in /tmp.)"""
     import mlflow.pyfunc
 
-    return mlflow.pyfunc.load_model(model_uri)
+    with tempfile.TemporaryDirectory(prefix="tunepipe-model-") as folder:
+        yield mlflow.pyfunc.load_model(model_uri, dst_path=folder)

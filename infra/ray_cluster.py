@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from infra.ray_watchdog import watch_joined_cluster, watch_local_node
@@ -168,14 +170,37 @@ def _adopt_ray_started_ahead() -> threading.Event | None:
     return None
 
 
-def _shut_down_in_background(ahead: threading.Event | None) -> None:
+def _session_dir() -> Path | None:
+    """The running local Ray's session folder (its logs and sockets under /tmp/ray)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # noqa: SLF001 - Ray has no public accessor
+    try:
+        return Path(node.get_session_dir_path()) if node is not None else None
+    except Exception:  # noqa: BLE001 - only a clean-up hint
+        return None
+
+
+def _remove_session(folder: Path) -> None:
+    """Remove a finished local Ray's session folder (and /tmp/ray/session_latest if it names it):
+    a run of the embedded default otherwise leaves ~1 MB of logs in /tmp each time."""
+    latest = folder.parent / "session_latest"
+    if latest.is_symlink() and latest.resolve() == folder.resolve():
+        latest.unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _shut_down_in_background(ahead: threading.Event | None, remove: Path | None = None) -> None:
     """``ray.shutdown()`` off the caller's path: stopping the local Ray's processes takes ~1 s that
-    the next stage need not wait for. The next Ray start in this process waits for it instead."""
+    the next stage need not wait for. The next Ray start in this process waits for it instead.
+    ``remove``: the session folder to delete once Ray is down."""
     import ray
 
     def stop() -> None:
         try:
             ray.shutdown()
+            if remove is not None:
+                _remove_session(remove)
         finally:
             if ahead is not None:
                 ahead.set()
@@ -220,6 +245,7 @@ def ray_session(settings: Settings, storage: Storage, num_cpus: int | None = Non
         ray.init(**_local_init_args(settings, num_cpus))
         where = "local"
         started = True
+    finished: Path | None = None  # the session folder to remove: set once the stage's body has succeeded
     try:
         alive = [n for n in ray.nodes() if n.get("Alive")]
         if len(alive) > 1 and not storage.is_s3:
@@ -228,6 +254,8 @@ def ray_session(settings: Settings, storage: Storage, num_cpus: int | None = Non
                 "multi-node tuning needs shared storage: set TUNEPIPE_STORAGE=s3://bucket/prefix"
             )
         log.info("Ray: %s, %d node(s), %s CPUs", where, len(alive), ray.cluster_resources().get("CPU"))
+        # A local Ray of ours keeps its logs in /tmp/ray only when the stage fails (to read why).
+        session = _session_dir() if started and where == "local" else None
         # A local Ray of ours that dies under the stage fails it, retryably; a joined cluster whose head
         # goes away fails it with one line (infra.ray_watchdog). A Ray the caller started is theirs to watch.
         if where == "local":
@@ -238,9 +266,10 @@ def ray_session(settings: Settings, storage: Storage, num_cpus: int | None = Non
             watch = watch_joined_cluster(ray.get_runtime_context().gcs_address, settings.ray_address)
         with watch:
             yield where
+        finished = session
     finally:
         if started:
-            _shut_down_in_background(ahead)
+            _shut_down_in_background(ahead, remove=finished)
         elif ahead is not None:
             ahead.set()
 

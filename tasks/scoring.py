@@ -30,8 +30,8 @@ def score(source: str, model_name: str, alias: str, ctx: Context) -> dict[str, A
     mv = tracker.client.get_model_version_by_alias(model_name, alias)
     src = DataSource.parse(source, where="--data")
     rows, schema = workload.read_for_scoring(src, source_filesystem(src, ctx.settings))
-    model = mlmodels.load_pyfunc(f"models:/{model_name}@{alias}")
-    out, figures = workload.scored(rows, model.predict(rows))
+    with mlmodels.loaded_pyfunc(f"models:/{model_name}@{alias}") as model:
+        out, figures = workload.scored(rows, model.predict(rows))
     digest = hashlib.sha256(f"{source}|{model_name}|{mv.version}".encode()).hexdigest()[:12]
     folder = ctx.storage.path("predictions", f"{model_name}-v{mv.version}")
     buf = io.BytesIO()

@@ -331,7 +331,8 @@ def _retrain_result(run: Any, tracker: Tracker) -> RetrainResult:
 # --------------------------------------------------------------------------- register
 def score_version(cfg: Pipeline, ctx: Context, version: DataVersion, model_uri: str) -> float:
     """The registry metric of any registered model on today's test split (champion re-evaluation)."""
-    metrics = workload_of(cfg).score(mlmodels.load_pyfunc(model_uri), version, _load(cfg, ctx, version, "test"))
+    with mlmodels.loaded_pyfunc(model_uri) as model:
+        metrics = workload_of(cfg).score(model, version, _load(cfg, ctx, version, "test"))
     return float(metrics[cfg.registry.metric])
 
 

@@ -27,6 +27,17 @@ _CHILD = textwrap.dedent("""
         print("session", where, ray.get(ray.remote(lambda: 41 + 1).remote()))
     wait_for_shutdown()
     assert not ray.is_initialized(), "the session started this Ray: it must shut it down"
+    # A stage that succeeded leaves no session folder behind; one that failed keeps its logs.
+    import glob, os
+    sessions = lambda: sorted(p for p in glob.glob(os.environ["RAY_TMPDIR"] + "/ray/session_*") if "latest" not in p)
+    print("left after success", sessions())
+    try:
+        with ray_session(settings, storage):
+            raise KeyError("the stage failed")
+    except KeyError:
+        pass
+    wait_for_shutdown()
+    print("left after failure", len(sessions()))
 """)
 
 
@@ -50,6 +61,8 @@ def test_embedded_default_starts_its_own_ray_despite_a_stale_cluster_file(tmp_pa
     done = _run_child(tmp_path, ahead=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "session local 42" in done.stdout
+    # The finished session's folder is gone from /tmp/ray; the failed one's logs are kept.
+    assert "left after success []" in done.stdout and "left after failure 1" in done.stdout
 
 
 def test_ray_started_ahead_is_adopted_and_shut_down_by_the_session(tmp_path):

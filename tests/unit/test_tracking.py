@@ -455,6 +455,24 @@ def test_a_champion_registered_on_the_same_data_version_is_not_scored_again(trac
     assert tags["tunepipe.champion_auc"] != "0.612345" and rescored.champion_before == v1
 
 
+def test_a_model_loaded_for_scoring_leaves_no_copy_behind(tracker, sample, boosters, tmp_path, monkeypatch):
+    """Champion re-evaluation and batch scoring load registered models; MLflow's own download
+    folder would stay in /tmp after every one (found by the soak benchmark)."""
+    import tempfile
+
+    from infra.models import loaded_pyfunc
+
+    _, uri = log_model(tracker, sample, boosters["strong"], "strong")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with loaded_pyfunc(uri) as model:
+        assert list(scratch.iterdir())  # the copy it predicts from
+        out = model.predict(sample.consumer_frame())
+    assert len(out) == len(sample.test) and out["delay_probability"].between(0, 1).all()
+    assert list(scratch.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- idempotency
 def test_register_and_gate_again_for_the_same_run_change_nothing(tracker, sample, boosters):
     name = "flights-delay"
