@@ -234,8 +234,8 @@ def test_flow_process_alone_sigkilled_leaves_nothing_running(shared):
     started (Prefect's local API, the local Ray node) must not live on as orphans.
 
     Ray's two node agents are the exception: they notice the raylet's death within ~2 s, then try to
-    report it to the GCS, dead too, and exit only when Ray's GCS client gives up (~60 s); they are
-    checked for that, not waited for here.
+    report it to the GCS, dead too, and exit only when Ray's GCS client gives up (measured: 63 s);
+    they are not waited for here (killed at the end).
     """
     tmp, env = shared
     run = Run(tmp, env, "alone-killed", "--num-samples", "2", "--max-iterations", "300", "--scheduler", "fifo",
@@ -251,11 +251,8 @@ def test_flow_process_alone_sigkilled_leaves_nothing_running(shared):
         while still_alive([p for p in started if p not in agents]) and time.monotonic() < deadline:
             time.sleep(0.5)
         left = [(p.pid, " ".join(p.cmdline())[:80]) for p in still_alive(started) if p not in agents]
-        # The agents' own fate-sharing: parent gone -> exit (Ray's process_watcher), once the report is given up.
-        agents_waiting = all(p.ppid() == 1 for p in still_alive(agents))
     finally:
         run.kill()
         for p in still_alive(process_tree([run.proc.pid]) + locals().get("started", [])):
             p.kill()
     assert left == [], left
-    assert agents_waiting
