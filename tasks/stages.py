@@ -11,6 +11,8 @@ flow skips finished stages; the tune stage additionally resumes its Ray experime
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -31,6 +33,8 @@ from tuning_core.config import config_hash
 from tuning_core.errors import TunepipeError
 from tuning_core.results import DataVersion, RegistryResult, RetrainResult, TuningResult
 from tuning_core.workloads import workload_of
+
+log = logging.getLogger(__name__)
 
 
 def _retry_if_transient(task, task_run, state) -> bool:
@@ -135,6 +139,46 @@ def prepare_data(cfg: wl.Pipeline) -> DataVersion:
     return version
 
 
+class LatestValue:
+    """Sends the latest value put, from a thread of its own, skipping those superseded meanwhile.
+
+    The tune stage's progress artifact is updated this way, off Ray Tune's driver loop: an HTTP
+    call per finished trial held the loop, and while the Prefect API was down (its client retries
+    for ~30 s) trials waited on it (one took 21 s instead of 8).
+    """
+
+    def __init__(self, send: Callable[[Any], None]) -> None:
+        self._send, self._value, self._closed = send, None, False
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="tunepipe-progress", daemon=True)
+        self._thread.start()
+
+    def put(self, value: Any) -> None:
+        with self._cv:
+            self._value = value
+            self._cv.notify()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Send what is pending (waiting up to ``timeout_s``), then stop."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._value is None and not self._closed:
+                    self._cv.wait()
+                value, self._value = self._value, None
+                if value is None:
+                    return
+            try:
+                self._send(value)
+            except Exception:  # noqa: BLE001 - progress is best-effort; the stage's result is what counts
+                log.debug("progress update failed", exc_info=True)
+
+
 @task(name="tune", tags=["tunepipe", "ray-tune"], retries=2, timeout_seconds=6 * 3600,
       cache_key_fn=_tune_key, persist_result=True, **COMMON)
 def tune(cfg: wl.Pipeline, version: DataVersion) -> TuningResult:
@@ -142,11 +186,16 @@ def tune(cfg: wl.Pipeline, version: DataVersion) -> TuningResult:
     artifact = create_progress_artifact(0.0, key=f"{cfg.workload}-tuning-progress",
                                         description=f"trials finished of {cfg.tune.num_samples}")
 
+    sender = LatestValue(lambda pct: update_progress_artifact(artifact, pct))
+
     def progress(event: dict[str, Any]) -> None:
         logger.info("trials %d/%d done, best %s=%s", event["done"], event["total"], event["metric"], event["best"])
-        update_progress_artifact(artifact, min(100.0, 100.0 * event["done"] / max(1, event["total"])))
+        sender.put(min(100.0, 100.0 * event["done"] / max(1, event["total"])))
 
-    result = wl.tune(cfg, _ctx(), version, progress=progress)
+    try:
+        result = wl.tune(cfg, _ctx(), version, progress=progress)
+    finally:
+        sender.close()
     update_progress_artifact(artifact, 100.0)
     create_table_artifact(key=f"{cfg.workload}-leaderboard", table=result.leaderboard_rows(),
                           description=f"Ray Tune leaderboard of {result.experiment_uri}")
