@@ -112,11 +112,16 @@ def mlflow_trial_runs(tmp: Path) -> list[str]:
     return [r.data.tags["tunepipe.trial_id"] for r in runs if "tunepipe.trial_id" in r.data.tags]
 
 
+# The second run reaches the lease about 3 s after the first took it (same start-up): the first must
+# hold it well beyond that, whatever the machine's speed. Every trial runs all its rounds (FIFO), ~10 s.
+HOLD_THE_LEASE = ("--scheduler", "fifo", "--max-iterations", "1000")
+
+
 def test_two_runs_started_3s_apart_one_tunes_the_other_stops_with_exit_3(shared):
     tmp, env = shared
-    first = Run(tmp, env, "first")
+    first = Run(tmp, env, "first", *HOLD_THE_LEASE)
     time.sleep(3)
-    second = Run(tmp, env, "second")
+    second = Run(tmp, env, "second", *HOLD_THE_LEASE)
     codes = {"first": first.wait(), "second": second.wait()}
 
     assert sorted(codes.values()) == [0, 3], {r.name: r.stderr()[-2000:] for r in (first, second)}
