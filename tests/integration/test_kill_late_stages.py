@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,28 +30,37 @@ def _cli(storage: Path, log: Path, model: str) -> subprocess.Popen:
                                 start_new_session=True)
 
 
+def _kill_when(run: subprocess.Popen, log: Path, ready: Callable[[], bool], poll_s: float) -> None:
+    """Wait (up to 240 s) until ``ready()``, then SIGKILL the run's process group: the run and
+    everything it started (Ray, Prefect's API). Nothing of it is left running, whatever happens."""
+    procs = []
+    try:
+        deadline = time.monotonic() + 240
+        while not ready():
+            assert run.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(poll_s)
+        procs = process_tree([run.pid])
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=30)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        for p in still_alive(procs):
+            p.kill()
+
+
 def test_sigkill_during_retrain_then_rerun_registers_exactly_one_version(tmp_path):
     from mlflow import MlflowClient
 
     storage, log, model = tmp_path / "store", tmp_path / "first.log", "kill-retrain"
     first = _cli(storage, log, model)
-    procs = []
-    try:
-        deadline = time.monotonic() + 240
-        # The tune stage's closing line: the retrain stage starts right after it.
-        while "tuning " not in log.read_text(errors="replace") or " trials, best " not in log.read_text(
-                errors="replace"):
-            assert first.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
-        procs = process_tree([first.pid])
-        os.killpg(first.pid, signal.SIGKILL)  # the run and everything it started (Ray, Prefect's API)
-        first.wait(timeout=30)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-        for p in still_alive(procs):
-            p.kill()
+
+    def tuned() -> bool:  # the tune stage's closing line: the retrain stage starts right after it
+        text = log.read_text(errors="replace")
+        return "tuning " in text and " trials, best " in text
+
+    _kill_when(first, log, tuned, poll_s=0.05)
     text = log.read_text(errors="replace")
     assert "retrained:" not in text and "decision" not in text, "the kill landed after the retrain stage"
 
@@ -84,24 +94,13 @@ def test_sigkill_during_registration_then_rerun_keeps_one_version_and_sets_the_c
     storage, log, model = tmp_path / "store", tmp_path / "first.log", "kill-register"
     db = storage / "mlflow.db"
     first = _cli(storage, log, model)
-    procs = []
-    try:
-        deadline = time.monotonic() + 240
-        while True:  # the registration stage has created the version: kill before it gates and sets aliases
-            assert first.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            with contextlib.suppress(sqlite3.OperationalError):  # no store yet, or locked by a write
-                if db.exists() and _registry_rows(db, model)[0]:
-                    break
-            time.sleep(0.002)
-        procs = process_tree([first.pid])
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=30)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-        for p in still_alive(procs):
-            p.kill()
+
+    def registered() -> bool:  # the version exists: kill before the gate sets its aliases
+        with contextlib.suppress(sqlite3.OperationalError):  # no store yet, or locked by a write
+            return db.exists() and bool(_registry_rows(db, model)[0])
+        return False
+
+    _kill_when(first, log, registered, poll_s=0.002)
     assert _registry_rows(db, model) == ([1], {}), "the kill landed after the registration set the aliases"
 
     second = tmp_path / "second.log"
