@@ -112,6 +112,16 @@ def test_joined_cluster_dying_mid_tune_fails_with_one_line_and_does_not_hang(sha
                                    "(Connection refused); start it, or unset RAY_ADDRESS to tune on a local Ray"]
 
 
+def _trials_running_on(node: subprocess.Popen) -> list[str]:
+    """The trial folders of the trials running on a node: Ray Tune runs each trial in its folder's name."""
+    out = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if _session(proc) == node.pid and "ImplicitFunc" in " ".join(proc.cmdline()[:1]):
+                out.append(Path(proc.cwd()).name)
+    return sorted(n for n in out if n.startswith("trial_"))
+
+
 def _session(proc: psutil.Process) -> int | None:
     try:
         return os.getsid(proc.pid)
@@ -140,7 +150,16 @@ def test_worker_node_killed_mid_tune_its_trial_resumes_on_the_head(shared, seawe
                   "--scheduler", "fifo", "--max-concurrent", "2", TUNEPIPE_STORAGE=f"s3://{seaweed_s3.bucket}/{prefix}",
                   TUNEPIPE_RETRY_DELAY_S="1", **cluster_env)
         try:
-            wait_for("a checkpoint of both trials", lambda: len(checkpointed()) == 2, run)
+            # Kill the worker while its own trial runs, right after that trial's first checkpoint reached S3
+            # (waiting for both trials' checkpoints instead raced: the worker's trial could finish first).
+            on_worker: list[str] = []
+
+            def worker_trial_checkpointed() -> bool:
+                on_worker[:] = on_worker or _trials_running_on(worker)
+                return bool(on_worker) and any(d.endswith("/" + on_worker[0]) for d in checkpointed())
+
+            wait_for("a checkpoint of the worker node's trial", worker_trial_checkpointed, run)
+            assert _trials_running_on(worker) == on_worker  # still running when the node dies
             _kill_node(worker)
             code = run.wait(300)
         finally:
@@ -161,6 +180,7 @@ def test_worker_node_killed_mid_tune_its_trial_resumes_on_the_head(shared, seawe
     states = _trial_states(local)
     assert all(t["status"] == "TERMINATED" for t in states.values()), states
     (lost,) = [trial_id for trial_id, t in states.items() if t["num_failures"] >= 1]
+    assert on_worker == [f"trial_{lost}"], (on_worker, states)
     # Restored from its checkpoint, not started again: its first report (round 10) is there once.
     seen = _iterations(local / f"trial_{lost}")
     assert seen.count(10) == 1 and seen[-1] == 300, seen
