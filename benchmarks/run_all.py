@@ -36,17 +36,20 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "search_efficiency": ("search_efficiency", ["--png", "{png}"]),
     "data_stage": ("data_stage", []),
     "fashion_mnist": ("fashion_mnist", []),
+    "scale": ("scale", []),
 }
 # --quick: tiny budgets that only check the plumbing (the numbers mean nothing).
 # Not in a default run: their ratios (wall / Σ trial time, flow / bare Ray Tune) divided by a quantity
 # that already held the engine's costs; ``peer`` replaces them (run them with --only).
-NOT_BY_DEFAULT = {"scheduling", "pipeline_overhead"}
+# ``scale`` generates and prepares up to 8M rows (about 15 minutes alone): run it with --only.
+NOT_BY_DEFAULT = {"scheduling", "pipeline_overhead", "scale"}
 QUICK: dict[str, list[str]] = {
     "peer": ["--quick", "--seeds", "0"],
     "scheduling": ["--max-rows", "10000", "--rounds", "10", "--trials", "4"],
     "pipeline_overhead": ["--max-rows", "10000", "--rounds", "5", "--trials", "2"],
     "search_efficiency": ["--max-rows", "10000", "--rounds", "5", "--trials", "6", "--seeds", "1"],
     "data_stage": ["--rows", "100000"],
+    "scale": ["--quick"],
 }
 
 
