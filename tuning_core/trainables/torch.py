@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,19 @@ def _autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def _finite(total: torch.Tensor) -> bool:
+    return bool(torch.isfinite(total))
+
+
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                 batch_size: int, generator: torch.Generator, device: torch.device, precision: str = "fp32") -> float:
+                 batch_size: int, generator: torch.Generator, device: torch.device, precision: str = "fp32",
+                 finite: Callable[[torch.Tensor], bool] = _finite) -> float:
+    """One pass over ``x``/``y`` in seeded random batches; the mean training loss (NaN once diverged).
+
+    ``finite`` decides, from this process's running loss sum, whether training goes on; a data-parallel
+    worker passes one that agrees across workers (``torch_ddp``), since a worker leaving the epoch alone
+    would leave the others waiting in their next gradient all-reduce.
+    """
     model.train()
     # The permutation comes from a CPU generator (same batches on CPU and GPU, same after a resume).
     order = torch.randperm(len(y), generator=generator).to(x.device)
@@ -143,7 +155,7 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
             loss = F.cross_entropy(model(xb), yb)
         total += loss.detach() * len(idx)
         seen += len(idx)
-        if step % CHECK_EVERY == 0 and not torch.isfinite(total):
+        if step % CHECK_EVERY == 0 and not finite(total):
             return float("nan")
         loss.backward()
         optimizer.step()
