@@ -110,6 +110,12 @@ class FlightsData(_Frozen):
         "skip", description="rows that do not split into the file's columns (a truncated last line, ragged rows): "
                             "skip them (counted and reported) or fail on the first")
     max_bad_row_fraction: float = Field(0.001, ge=0, le=1, description="skip: fail if more rows than this are bad")
+    # How the files are read (tuning_core.data.flights.engines); the data, its hash and splits are the same.
+    engine: Literal["auto", "local", "ray"] = Field(
+        "auto", description="local: file by file in this process (memory: one batch of CSV text at a time, "
+                            "not the input's); ray: each file parsed and converted by a Ray task, in parallel; "
+                            "auto: ray when a Ray cluster is attached (RAY_ADDRESS or Ray running) and the input "
+                            "is several files of 64 MiB or more in all, else local")
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True,
                               serialize_by_alias=True)

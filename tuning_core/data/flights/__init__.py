@@ -37,7 +37,8 @@ The package, one module per job, in the order a run meets them:
   their bytes (decompressed);
 * ``detect``: each file's schema from its header, or its headerless layout; how pyarrow reads it;
 * ``convert``: a raw record batch → canonical rows and the label (what is dropped, and why);
-* ``read``: a whole source → one canonical table, with the bad-row policy; ``check_source``;
+* ``read``: a file, and a whole source, → canonical rows, with the bad-row policy; ``check_source``;
+* ``engines``: who reads the files (``data.engine``): this process file by file, or Ray tasks in parallel;
 * ``split``: train/valid/test cuts of the time-ordered table;
 * ``versioning``: ``prepare``: order, categories, content hash, manifest, the written version;
 * ``features``: canonical rows → the model's features (``load_split``, ``to_features``,

