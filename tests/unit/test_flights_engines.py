@@ -26,7 +26,7 @@ from tests.unit.test_flights_data import bts_csv, export
 from tuning_core.config import FlightsData
 from tuning_core.data import flights
 from tuning_core.data.flights import engines
-from tuning_core.errors import DataError
+from tuning_core.errors import DataError, ServiceUnavailable
 
 LOCAL = pafs.LocalFileSystem()
 ASA_LINES = ASA_SAMPLE.read_text().splitlines(keepends=True)
@@ -309,3 +309,23 @@ def test_ray_engine_without_a_running_ray_starts_one_and_stops_it(tmp_path):
 
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"version": expected.version, "engine": "ray", "ray_left_running": False}
+
+
+def _crash_on_nycflights13(fs, path, cfg):
+    """A Ray task that dies (as on a worker OOM-kill) on one file, and reads the others."""
+    if path.endswith("05-nycflights13.csv"):
+        os._exit(1)
+    return engines.read_file(fs, path, cfg)
+
+
+def test_a_lost_ray_task_is_a_retryable_one_line_error_naming_its_file(tmp_path, ray_local, monkeypatch):
+    source = multi_file_source(tmp_path / "in")
+    monkeypatch.setattr(engines, "_read_task", _crash_on_nycflights13)  # workers import it from this module
+
+    with pytest.raises(ServiceUnavailable) as err:
+        prepare(source, tmp_path / "store", engine="ray")
+
+    message = str(err.value)
+    assert message.startswith(f"{source / '05-nycflights13.csv'}: the Ray task reading it was lost (WorkerCrashedError")
+    assert "\n" not in message and err.value.retryable
+    assert not (tmp_path / "store").exists()

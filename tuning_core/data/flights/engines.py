@@ -36,8 +36,8 @@ import pyarrow.fs as pafs
 
 from tuning_core.config import FlightsData
 from tuning_core.data.flights.read import FileRead, read_file
-from tuning_core.data.flights.sources import is_s3
-from tuning_core.errors import TunepipeError
+from tuning_core.data.flights.sources import is_s3, short_error, uri_of
+from tuning_core.errors import ServiceUnavailable, TunepipeError
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +160,15 @@ def _read_with_ray(fs: pafs.FileSystem, files: list[str], cfg: FlightsData | Non
             pending.append(task.remote(fs_ref, file, cfg_ref))
             if len(pending) >= window:
                 break
-        while pending:
-            result = ray.get(pending.popleft())
+        lost = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
+                ray.exceptions.OutOfMemoryError)
+        for file in files:  # the front of pending is always this file's task
+            try:
+                result = ray.get(pending.popleft())
+            except lost as err:
+                # Ray already retried the task (max_retries); the input may be fine: a retryable stage error.
+                raise ServiceUnavailable(f"{uri_of(fs, file)}: the Ray task reading it was lost "
+                                         f"({type(err).__name__}: {short_error(err)})") from None
             following = next(todo, None)
             if following is not None:
                 pending.append(task.remote(fs_ref, following, cfg_ref))
