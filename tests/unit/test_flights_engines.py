@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ASA_SAMPLE, ROOT
+from tests.conftest import ASA_SAMPLE, ROOT, free_port
 from tests.unit.test_flights_data import bts_csv, export
 from tuning_core.config import FlightsData
 from tuning_core.data import flights
@@ -328,4 +328,32 @@ def test_a_lost_ray_task_is_a_retryable_one_line_error_naming_its_file(tmp_path,
     message = str(err.value)
     assert message.startswith(f"{source / '05-nycflights13.csv'}: the Ray task reading it was lost (WorkerCrashedError")
     assert "\n" not in message and err.value.retryable
+    assert not (tmp_path / "store").exists()
+
+
+_DEAD_ADDRESS = """
+import sys
+import pyarrow.fs as pafs
+from tuning_core.config import FlightsData
+from tuning_core.data import flights
+from tuning_core.errors import ServiceUnavailable
+
+try:
+    flights.prepare(FlightsData(engine="ray"), None, sys.argv[1], pafs.LocalFileSystem(), sys.argv[2])
+except ServiceUnavailable as err:
+    print(f"{err.retryable}|{err}")
+"""
+
+
+def test_ray_address_where_nothing_listens_is_a_retryable_one_line_error(tmp_path):
+    # ray.init would wait for minutes there (a child process: this session's Ray would be used instead).
+    address = f"127.0.0.1:{free_port()}"
+    out = subprocess.run([sys.executable, "-c", _DEAD_ADDRESS, str(multi_file_source(tmp_path / "in")),
+                          str(tmp_path / "store")], cwd=ROOT, env={**os.environ, "RAY_ADDRESS": address},
+                         capture_output=True, text=True, timeout=120, check=True)
+
+    retryable, message = out.stdout.strip().split("|", 1)
+    assert retryable == "True" and "\n" not in message
+    assert message.startswith(f"RAY_ADDRESS {address}: no Ray cluster answers there (")
+    assert message.endswith("set data.engine: local to read the flights in this process")
     assert not (tmp_path / "store").exists()

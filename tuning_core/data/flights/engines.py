@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -113,11 +114,31 @@ def _connect() -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
-    else:
-        # address="local": a stale /tmp/ray/ray_current_cluster would otherwise be joined.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+        _check_answers(address)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        else:
+            # address="local": a stale /tmp/ray/ray_current_cluster would otherwise be joined.
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, TimeoutError) as err:
+        where = f"the Ray cluster at RAY_ADDRESS {address}" if address else "a local Ray"
+        raise ServiceUnavailable(f"flights data (data.engine ray): cannot start or join {where} "
+                                 f"({short_error(err)}); set data.engine: local to read in this process") from None
     return True
+
+
+def _check_answers(address: str, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) address must accept a connection: ``ray.init`` waits for
+    minutes where nothing listens (as ``infra.ray_cluster.check_cluster_answers`` does for the tune stage)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ServiceUnavailable(f"RAY_ADDRESS {address}: no Ray cluster answers there ({err.strerror or err}); "
+                                 "start it, or set data.engine: local to read the flights in this process") from None
 
 
 def _disconnect() -> None:
