@@ -75,7 +75,8 @@ def _overrides(options: tuple[CliOption, ...] = (), **kw: Any) -> dict[str, Any]
     data = {"source": kw.get("data")}
     tune = {"num_samples": kw.get("num_samples"), "search": kw.get("search"), "scheduler": kw.get("scheduler"),
             "max_iterations": kw.get("max_iterations"), "seed": kw.get("seed"),
-            "max_concurrent_trials": kw.get("max_concurrent")}
+            "max_concurrent_trials": kw.get("max_concurrent"),
+            "resources": {"workers_per_trial": kw.get("workers_per_trial")}}
     registry = {"model_name": kw.get("model_name"), "force_promote": True if kw.get("force_promote") else None}
     out = {"data": data, "tune": tune, "registry": registry, "run_id": kw.get("run_id"),
            "warm_start_from_champion": True if kw.get("warm_start") else None}
@@ -333,6 +334,8 @@ def add_run_command(workload: Workload) -> None:
                                       "iterations per trial (boosting rounds, epochs)"), int | None),
         _param("max_concurrent", _opt("--max-concurrent", "as many as the CPUs allow", "trials at a time"),
                int | None),
+        _param("workers_per_trial", _opt("--workers-per-trial", tune.resources.workers_per_trial,
+                                         "Ray Train workers per trial and retrain (data-parallel)"), int | None),
         _param("seed", _opt("--seed", tune.seed), int | None),
         _param("model_name", _opt("--model-name", registry.model_name, "registered model"), str | None),
         _param("run_id", typer.Option(None, "--run-id", help="explicit experiment id (resume key)"), str | None),

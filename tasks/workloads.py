@@ -34,7 +34,7 @@ from tuning_core.runner import experiment_name, run_tuning, validate
 from tuning_core.search import edge_configs
 from tuning_core.sources import DataSource
 from tuning_core.workloads import WORKLOADS, workload_of
-from tuning_core.workloads.base import PipelineConfig, Workload
+from tuning_core.workloads.base import PipelineConfig, Splits, Workload
 from tuning_core.workloads.base import plain_features as plain_features  # re-exported: scoring and tests use it
 
 log = logging.getLogger(__name__)
@@ -182,9 +182,15 @@ def _load(cfg: Pipeline, ctx: Context, version: DataVersion, split: str) -> Any:
     return workload_of(cfg).load_split(ctx.storage.fs, version, split)
 
 
-def _splits(cfg: Pipeline, ctx: Context, version: DataVersion, names: tuple[str, ...] = ("train", "valid", "test")
-            ) -> dict[str, Any]:
-    return {name: _load(cfg, ctx, version, name) for name in names}
+def _splits(cfg: Pipeline, ctx: Context, version: DataVersion, names: tuple[str, ...] = ("train", "valid", "test"),
+            fs: pafs.FileSystem | None = None) -> Splits:
+    # Loaded when a workload asks: data-parallel trials and retrains read their shards from ``fs`` instead.
+    return Splits(lambda name: _load(cfg, ctx, version, name), names, fs)
+
+
+def _ray_fs(ctx: Context) -> pafs.FileSystem:
+    keyless = ctx.storage.is_s3 and workers_hold_keys(ctx.settings)
+    return ctx.storage.fs_for_ray(ctx.settings) if keyless else ctx.storage.fs
 
 
 # --------------------------------------------------------------------------- tune
@@ -194,7 +200,6 @@ def tune(cfg: Pipeline, ctx: Context, version: DataVersion,
     workload = workload_of(cfg)
     trainable, space = workload.trainable(cfg), workload.space(cfg)
     tune_cfg = cfg.tune
-    data = workload.tune_data(cfg, version, _splits(cfg, ctx, version, ("train", "valid")))
     name = experiment_for(cfg, version)
     tracker = ctx.tracker()
 
@@ -227,8 +232,8 @@ def tune(cfg: Pipeline, ctx: Context, version: DataVersion,
                     listener(event)
 
         with ray_session(ctx.settings, ctx.storage):
-            keyless = ctx.storage.is_s3 and workers_hold_keys(ctx.settings)
-            fs = ctx.storage.fs_for_ray(ctx.settings) if keyless else ctx.storage.fs
+            fs = _ray_fs(ctx)
+            data = workload.tune_data(cfg, version, _splits(cfg, ctx, version, ("train", "valid"), fs))
             result = run_tuning(trainable, data, space, tune_cfg, fs, ctx.storage.path("ray"), name,
                                 progress=fan_out, uri_prefix="s3://" if ctx.storage.is_s3 else "")
         parent = parent_future.result()
@@ -276,8 +281,13 @@ def retrain(cfg: Pipeline, ctx: Context, version: DataVersion, tuning: TuningRes
             ckpt_dir = _download_checkpoint(ctx, tuning.best_checkpoint_uri, Path(tmp, "best_checkpoint"))
         views = pool.submit(_log_search_views, ctx, tracker, run_id, parent, tuning, ckpt_dir)
         workload = workload_of(cfg)
-        splits = _splits(cfg, ctx, version)
-        final = workload.retrain(cfg, version, tuning, splits, ckpt_dir)
+        if cfg.tune.resources.data_parallel:  # the winner retrains on the same Ray Train workers
+            with ray_session(ctx.settings, ctx.storage):
+                splits = _splits(cfg, ctx, version, fs=_ray_fs(ctx))
+                final = workload.retrain(cfg, version, tuning, splits, ckpt_dir)
+        else:
+            splits = _splits(cfg, ctx, version)
+            final = workload.retrain(cfg, version, tuning, splits, ckpt_dir)
         model_dir = Path(tmp, "model")
         model_dir.mkdir()
         spec = workload.model_spec(cfg, version, tuning, final, splits, model_dir)

@@ -60,8 +60,25 @@ class SchedulerOptions(_Frozen):
 
 
 class Resources(_Frozen):
-    cpu: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)
+    """What each trial holds: one process (``cpu``, ``gpu``), or with ``workers_per_trial`` > 1 a
+    data-parallel Ray Train run of that many workers of ``cpu_per_worker`` CPUs each."""
+
+    cpu: float = Field(1.0, gt=0, description="CPUs of a single-process trial (workers_per_trial: 1)")
+    gpu: float = Field(0.0, ge=0, description="GPUs of a single-process trial (workers_per_trial: 1)")
+    workers_per_trial: int = Field(1, ge=1, description="1: each trial is one process (the fast path); N > 1: each "
+                                   "trial is a data-parallel job on N Ray Train workers, each reading its shard")
+    cpu_per_worker: float = Field(1.0, gt=0, description="workers_per_trial > 1: CPUs per worker")
+
+    @model_validator(mode="after")
+    def _data_parallel_is_cpu_only(self) -> Resources:
+        if self.workers_per_trial > 1 and self.gpu > 0:
+            raise ValueError(f"gpu {self.gpu} with workers_per_trial {self.workers_per_trial}: data-parallel trials "
+                             "run on CPU workers only (cpu_per_worker); set gpu: 0 or workers_per_trial: 1")
+        return self
+
+    @property
+    def data_parallel(self) -> bool:
+        return self.workers_per_trial > 1
 
 
 class TuneConfig(_Frozen):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,25 +70,46 @@ def predict_xgboost(booster: Any, frame: pd.DataFrame) -> np.ndarray:
     return booster.predict(xgb.DMatrix(x, enable_categorical=True))
 
 
-def retrain_xgboost(best_config: dict[str, Any], best_iteration: int, train: pd.DataFrame, valid: pd.DataFrame,
-                    test: pd.DataFrame, *, retrain: bool = True, checkpoint_dir: Path | None = None,
-                    nthread: int = 2) -> FinalModel:
-    """Retrain (or take the winning checkpoint), evaluate tuned and default models on the test split."""
-    started = time.perf_counter()
+FitMany = Callable[[list[tuple[dict[str, Any], int]]], list[Any]]
+
+
+def fit_in_process(train: pd.DataFrame, valid: pd.DataFrame, nthread: int = 2, label: str = LABEL,
+                   task: dict[str, Any] | None = None) -> FitMany:
+    """Fit (config, rounds) pairs on train+valid in this process (the single-process retrain)."""
     full = pd.concat([train, valid], ignore_index=True)
+    return lambda fits: [fit_booster(config, full, rounds, nthread=nthread, label=label, task=task)
+                         for config, rounds in fits]
+
+
+def retrain_xgboost(best_config: dict[str, Any], best_iteration: int, train: pd.DataFrame | None,
+                    valid: pd.DataFrame | None, test: pd.DataFrame, *, retrain: bool = True,
+                    checkpoint_dir: Path | None = None, nthread: int = 2, fit_many: FitMany | None = None,
+                    rows: tuple[int, int] | None = None) -> FinalModel:
+    """Retrain (or take the winning checkpoint), evaluate tuned and default models on the test split.
+
+    ``fit_many`` fits the winner and the default on train+valid somewhere else (the data-parallel
+    retrain: ``tuning_core.trainables.xgboost_distributed.fit_boosters``); then ``train`` and ``valid``
+    are not needed and ``rows`` gives their row counts (for ``scaled_rounds``).
+    """
+    started = time.perf_counter()
+    if fit_many is None:
+        assert train is not None and valid is not None
+        fit_many, rows = fit_in_process(train, valid, nthread=nthread), (len(train), len(valid))
+    assert rows is not None
+    fits = [(DEFAULT_XGB_CONFIG, DEFAULT_XGB_ROUNDS)]
     if retrain:
-        rounds = scaled_rounds(best_iteration, len(train), len(valid))
-        booster = fit_booster(best_config, full, rounds, nthread=nthread)
+        rounds = scaled_rounds(best_iteration, *rows)
+        fits.insert(0, (best_config, rounds))
         source = "retrained"
     else:
         if checkpoint_dir is None:
             # A user-facing condition (e.g. no trial reached a checkpoint), not a bug: one-line error.
             raise ConfigError("retrain.retrain false: the best trial has no checkpoint to register; "
                               "set retrain.retrain true or checkpoint more often (tune.checkpoint_every)")
-        booster = load_booster(checkpoint_dir)
-        rounds = booster.num_boosted_rounds()
         source = "checkpoint"
-    baseline = fit_booster(DEFAULT_XGB_CONFIG, full, DEFAULT_XGB_ROUNDS, nthread=nthread)
+    *tuned_fit, baseline = fit_many(fits)
+    booster = tuned_fit[0] if retrain else load_booster(checkpoint_dir)
+    rounds = rounds if retrain else booster.num_boosted_rounds()
     _, y_test = split_xy(test)
     p_tuned = predict_xgboost(booster, test)
     p_base = predict_xgboost(baseline, test)

@@ -251,13 +251,15 @@ def run_tuning(
     """
     from ray import tune
 
+    _check_a_node_fits(cfg)
+    resources: Any = {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
+    if cfg.resources.data_parallel:
+        cfg, resources = _data_parallel(cfg)
     plan = plan_search(cfg, space)
     report_at, every = report_cadence(cfg)
     param_space = {**plan.param_space, "_max_iterations": cfg.max_iterations, "_checkpoint_every": every,
                    "_report_at": report_at}
     exp_path = f"{storage_path.rstrip('/')}/{name}"
-    _check_a_node_fits(cfg)
-    resources = {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
     wrapped = tune.with_resources(tune.with_parameters(trainable, **data), resources)
     started = time.monotonic()
     cbs = _driver_callbacks(cfg, progress, callbacks)
@@ -298,6 +300,10 @@ def run_tuning(
     threading.Thread(target=_import_plotting, name="tunepipe-plot-imports", daemon=True).start()
     with _only_our_loggers():
         grid = tuner.fit()
+    if cfg.resources.data_parallel:
+        from tuning_core.trainables.distributed import release_leftovers
+
+        release_leftovers(storage_fs, exp_path)
     wall = time.monotonic() - started
     live_rows = cbs[0].inner.rows
     return _collect(grid, cfg, name, uri_prefix + exp_path, resumed, wall, storage_fs, exp_path, live_rows)
@@ -319,9 +325,36 @@ def _checkpoints_to_keep(cfg: TuneConfig) -> int | None:
     return max(2, min(8, len(writes)))
 
 
-def _check_a_node_fits(cfg: TuneConfig) -> None:
-    """Fail before tuning when no live Ray node can hold one trial: Tune would wait for it forever.
+def _data_parallel(cfg: TuneConfig) -> tuple[TuneConfig, Any]:
+    """The config and trial resources of data-parallel trials (``workers_per_trial`` > 1).
 
+    The trial process reserves no CPU (its Train run reserves the workers), so Tune cannot see what a
+    trial really holds: concurrent trials are capped here so that their workers fit the cluster's
+    CPUs together (else a started trial would wait for workers that others hold).
+    """
+    import ray
+
+    from tuning_core.trainables.distributed import Workers, concurrent_trials, trial_resources
+
+    workers = Workers(cfg.resources.workers_per_trial, cfg.resources.cpu_per_worker)
+    cpus = float(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else float(os.cpu_count() or 1)
+    cap = concurrent_trials(cpus, workers, cfg.max_concurrent_trials)
+    if cfg.scheduler == "pbt" and cap < 2:
+        # PBT exploits among trials that run side by side; one at a time, no trial ever has a peer.
+        raise ConfigError(f"scheduler pbt with resources.workers_per_trial={workers.count} x cpu_per_worker="
+                          f"{workers.cpu:g}: the cluster's {cpus:g} CPUs hold only one such trial at a time, and PBT "
+                          "needs at least 2 side by side; lower workers_per_trial or cpu_per_worker")
+    if cap != cfg.max_concurrent_trials:
+        log.info("data-parallel trials: %d at a time (%d workers x %g CPU each, %g CPUs in the cluster)",
+                 cap, workers.count, workers.cpu, cpus)
+    return cfg.model_copy(update={"max_concurrent_trials": cap}), trial_resources()
+
+
+def _check_a_node_fits(cfg: TuneConfig) -> None:
+    """Fail before tuning when the cluster cannot hold one trial: Tune would wait for it forever.
+
+    A single-process trial needs one node with its CPUs and GPUs; a data-parallel trial needs
+    ``workers_per_trial`` workers of ``cpu_per_worker`` CPUs, which Ray Train may place on several nodes.
     Checked against the nodes up now; on an autoscaling cluster, start a node of that shape first.
     Without a running Ray there is nothing to check (Tune starts a local one sized to this machine,
     and an impossible request then fails the same way on the next run).
@@ -329,6 +362,9 @@ def _check_a_node_fits(cfg: TuneConfig) -> None:
     import ray
 
     if not ray.is_initialized():
+        return
+    if cfg.resources.data_parallel:
+        _check_workers_fit(cfg, [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")])
         return
     need = {"CPU": cfg.resources.cpu, "GPU": cfg.resources.gpu}
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
@@ -338,6 +374,17 @@ def _check_a_node_fits(cfg: TuneConfig) -> None:
     raise ConfigError(f"resources: one trial needs cpu={need['CPU']:g}, gpu={need['GPU']:g}, but no Ray node has "
                       f"that (live nodes: {have}); expected resources that fit one node: lower them in the "
                       "tune config or add such a node")
+
+
+def _check_workers_fit(cfg: TuneConfig, nodes: list[dict[str, float]]) -> None:
+    need, per = cfg.resources.workers_per_trial, cfg.resources.cpu_per_worker
+    slots = sum(math.floor(node.get("CPU", 0.0) / per + 1e-9) for node in nodes)
+    if slots >= need:
+        return
+    have = "; ".join(f"{node.get('CPU', 0):g} CPU" for node in nodes) or "none"
+    raise ConfigError(f"resources: one trial needs workers_per_trial={need} workers of cpu_per_worker={per:g} CPU, "
+                      f"but the cluster holds only {slots} such workers (live nodes: {have}); expected fewer "
+                      "workers per trial, fewer CPUs per worker, or more nodes")
 
 
 def _clean_config(config: dict[str, Any]) -> dict[str, Any]:

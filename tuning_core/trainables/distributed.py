@@ -49,8 +49,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,6 +67,9 @@ log = logging.getLogger(__name__)
 # reserved name; the workers send their own count under another key and the relay renames it.
 RESTORE_KEY = "_restore_from"
 ITERATION_KEY = "_iteration"
+# Each worker's own facts (rows of its shards, its peak memory): Tune receives them from every rank as
+# the list ``workers`` (rank order); every other metric is rank 0's.
+WORKER_KEY = "_worker"
 
 # What the trial process itself reserves: no CPU (the Train run reserves its workers'), but Tune
 # refuses an empty request, so a token amount of memory.
@@ -122,7 +127,7 @@ def read_parquet_split(fs: Any, path: str) -> Any:
     return ray.data.read_parquet(path, filesystem=fs, num_cpus=0)
 
 
-def _exact_shards(datasets: dict[str, Any], count: int) -> Any:
+def exact_shards(datasets: dict[str, Any], count: int) -> Any:
     """A Ray Train ``DataConfig`` that hands worker ``i`` the ``i``-th of ``count`` contiguous shards of
     each dataset, of exactly ``rows * i // count`` rows: none dropped, none repeated.
 
@@ -173,19 +178,32 @@ def restored_folder(config: dict[str, Any]) -> Iterator[Path | None]:
         yield Path(folder)
 
 
-def report_round(metrics: dict[str, Any], iteration: int, cadence: Cadence, save: Callable[[Path], None]) -> bool:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def report_round(metrics: dict[str, Any], iteration: int, cadence: Cadence, save: Callable[[Path], None],
+                 worker: dict[str, Any] | None = None) -> bool:
     """On a worker: report ``metrics`` for ``iteration`` (1-based) where ``cadence`` says so, with a
     checkpoint written by rank 0's ``save(folder)`` where it says so; returns whether one was written.
 
     Every rank calls this after every iteration: a Ray Train report is collective (all ranks or none),
-    and the cadence gives every rank the same answer.
+    and the cadence gives every rank the same answer. ``worker``: this worker's own facts (e.g. the
+    rows of its shards); Tune gets every rank's, with ``rank`` and ``peak_rss_mb``, as ``workers``.
     """
     import ray
     import ray.train
 
     if not cadence.reports(iteration):
         return False
-    metrics = {**metrics, ITERATION_KEY: iteration, "node_id": ray.get_runtime_context().get_node_id()}
+    facts = {**(worker or {}), "rank": world_rank(), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    metrics = {**metrics, ITERATION_KEY: iteration, "node_id": ray.get_runtime_context().get_node_id(),
+               WORKER_KEY: facts}
     if cadence.checkpoints(iteration) and world_rank() == 0:
         with tempfile.TemporaryDirectory() as tmp:
             save(Path(tmp))
@@ -205,16 +223,21 @@ def _relay_callback(outbox: Any, inbox: Any) -> Any:
 
         def __init__(self) -> None:
             self.sent_handle = False
+            self.stopped = False  # the trial said stop: let the controller's event loop take the abort
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
             import ray
 
+            if self.stopped:
+                return
             item: dict[str, Any] = {"metrics": dict(metrics[0]), "checkpoint": checkpoint}
+            item["metrics"]["workers"] = [m.get(WORKER_KEY) for m in metrics]
+            item["metrics"].pop(WORKER_KEY, None)
             if not self.sent_handle:  # the trial kills this controller when Tune stops the trial
                 item["controller"] = ray.get_runtime_context().current_actor
                 self.sent_handle = True
             outbox.put(item)
-            inbox.get()
+            self.stopped = not inbox.get()
 
     return RelayToTrial()
 
@@ -232,6 +255,65 @@ def _tune_report(item: dict[str, Any]) -> None:
     tune.report(metrics, checkpoint=tune.Checkpoint(path=checkpoint.path, filesystem=checkpoint.filesystem))
     with contextlib.suppress(Exception):  # Tune holds its copy now; the Train one is only storage
         checkpoint.filesystem.delete_dir(checkpoint.path)
+
+
+def _delete(fs: Any, path: str) -> None:
+    for attempt in range(3):
+        try:
+            fs.delete_dir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:  # a file written while the folder went (a late upload): try again
+            time.sleep(0.5 * (attempt + 1))
+    log.warning("could not remove the Train run folder %s", path)
+
+
+def _abort(controller: Any, inbox: Any) -> None:
+    """End a Train run whose trial Tune stopped (a scheduler, PBT, the stopper) or that failed.
+
+    The controller's abort stops the workers and frees their placement group. It is first released
+    from the report it waits on (told to relay nothing more), so that its event loop can take the
+    abort. Killing it is the fallback: its workers die with it, but the placement group is then left
+    to Ray Train's cleaner actor, which could not reach the cluster when several local Rays ran on one
+    machine (the CPUs stayed held and the next trial waited forever).
+    """
+    import ray
+
+    with contextlib.suppress(Exception):
+        inbox.put(False, timeout=5)
+    try:
+        ray.get(controller.abort.remote(), timeout=60)
+    except Exception:  # noqa: BLE001 - it exits inside abort (RayActorError) or did not answer in time
+        pass
+    with contextlib.suppress(Exception):
+        ray.kill(controller, no_restart=True)
+
+
+def release_leftovers(fs: Any, experiment_path: str) -> None:
+    """After a tuning run of data-parallel trials: remove what Train runs of stopped trials left.
+
+    Tune does not wait for a stopped trial's function to finish (``cleanup`` joins it with timeout 0)
+    and may kill its actor at once, the last trial's in particular: its Train controller dies with it,
+    but its placement group is then freed only by Ray Train's cleaner actor, and its run folder stays.
+    Called once Tune is done, when no trial of this driver's job runs any more, so every placement
+    group of this job still alive is such a leftover (Tune removed its own trials').
+    """
+    import ray
+    from ray.util import placement_group_table
+    from ray.util.placement_group import PlacementGroup
+
+    job = ray.get_runtime_context().get_job_id()
+    for pg_id, info in placement_group_table().items():
+        if pg_id.endswith(job) and info.get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
+            with contextlib.suppress(Exception):
+                ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    import pyarrow.fs as pafs
+
+    with contextlib.suppress(Exception):
+        for entry in fs.get_file_info(pafs.FileSelector(experiment_path)):
+            if entry.type == pafs.FileType.Directory and entry.base_name.startswith("trial_"):
+                _delete(fs, f"{entry.path}/train")
 
 
 def run_in_trial(trainer_cls: type, train_loop: Callable[[dict[str, Any]], None], config: dict[str, Any],
@@ -260,6 +342,9 @@ def run_in_trial(trainer_cls: type, train_loop: Callable[[dict[str, Any]], None]
     from ray.train._internal.session import get_session
     from ray.util.queue import Empty, Queue
 
+    # Tune reuses a trial's actor only once the previous trial's function has returned, and waits 2 s
+    # for it by default (then kills the actor): ending a Train run (``_abort``) takes longer than that.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
     storage = get_session().storage  # the trial's folder on the experiment's storage (local or S3)
     fs, trial_path = storage.storage_filesystem, storage.trial_fs_path
     run_root = f"{trial_path.rstrip('/')}/train"
@@ -268,7 +353,7 @@ def run_in_trial(trainer_cls: type, train_loop: Callable[[dict[str, Any]], None]
     inbox = Queue(maxsize=1, actor_options={"num_cpus": 0})
     if datasets:
         datasets = {key: ds.materialize() for key, ds in datasets.items()}
-        shards = _exact_shards(datasets, workers.count)
+        shards = exact_shards(datasets, workers.count)
     trainer = trainer_cls(
         train_loop,
         train_loop_config={**config, RESTORE_KEY: tune.get_checkpoint()},
@@ -309,13 +394,9 @@ def run_in_trial(trainer_cls: type, train_loop: Callable[[dict[str, Any]], None]
             raise outcome["error"]
     finally:
         if thread.is_alive() and controller is not None:
-            # Tune stopped the trial (a scheduler, PBT, the stopper) or the trial failed: end the run.
-            # Its workers are its controller's actors and die with it; Ray Train's cleaner removes the
-            # placement group of a controller that died.
-            with contextlib.suppress(Exception):
-                ray.kill(controller, no_restart=True)
+            _abort(controller, inbox)
         for queue in (outbox, inbox):
             with contextlib.suppress(Exception):
                 ray.kill(queue.actor, no_restart=True)
-        with contextlib.suppress(Exception):
-            fs.delete_dir(run_root)  # one Train run per trial at a time
+        thread.join(timeout=60)  # the run has ended (aborted: its workers are gone) before its folder goes
+        _delete(fs, run_root)  # one Train run per trial at a time

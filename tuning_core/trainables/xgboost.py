@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +180,9 @@ def trial_resources() -> tuple[int, bool]:
     return max(1, int(granted.get("CPU", 1))), granted.get("GPU", 0) > 0
 
 
-def _callback(cadence: Cadence):
+def _callback(cadence: Cadence, send: Callable[..., bool] = report):
+    """The per-round reporting callback; ``send`` is ``common.report`` in a trial process, or
+    ``distributed.report_round`` on the workers of a data-parallel trial."""
     xgb = import_xgboost()
 
     class TuneReport(xgb.callback.TrainingCallback):
@@ -202,7 +205,7 @@ def _callback(cadence: Cadence):
             def save(folder: Path) -> None:
                 model.save_model(str(folder / MODEL_FILE))
 
-            report(metrics, rounds, cadence, save)
+            send(metrics, rounds, cadence, save)
             return False
 
     return TuneReport()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -119,6 +119,32 @@ class ModelSpec:
     metrics: dict[str, float] = field(default_factory=dict)
     train: DatasetSample | None = None
     test: DatasetSample | None = None
+
+
+class Splits(Mapping[str, Any]):
+    """A data version's splits by name, each loaded on first use (``load(name)``) and kept.
+
+    A data-parallel trial or retrain (``tune.resources.workers_per_trial`` > 1) has its workers read
+    their shards from storage and never asks for the whole frames here. ``fs`` is the filesystem of the
+    version's folder as Ray may hold it (without keys on S3; None where no Ray stage needs it).
+    """
+
+    def __init__(self, load: Callable[[str], Any], names: tuple[str, ...], fs: Any = None) -> None:
+        self._load, self._names, self.fs = load, tuple(names), fs
+        self._loaded: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._loaded:
+            self._loaded[name] = self._load(name)
+        return self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 class Predictor(Protocol):

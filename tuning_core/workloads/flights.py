@@ -8,7 +8,7 @@ with a copy of ``tuning_core/data/flight_features.py``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -106,15 +106,36 @@ class Flights(Workload):
 
     # ---------------------------------------------------------------- tune
     def trainable(self, cfg: FlightsPipeline) -> Callable[..., None]:
+        if cfg.tune.resources.data_parallel:
+            from tuning_core.trainables.xgboost_distributed import train_xgboost_distributed
+
+            return train_xgboost_distributed
         from tuning_core.trainables.xgboost import train_xgboost
 
         return train_xgboost
+
+    def tune_data(self, cfg: FlightsPipeline, version: DataVersion, splits: Mapping[str, Any]) -> dict[str, Any]:
+        if cfg.tune.resources.data_parallel:
+            from tuning_core.trainables.xgboost_distributed import workers_of
+
+            return {"files": split_files(version, splits, typed_rows), "workers": workers_of(cfg.tune.resources)}
+        return super().tune_data(cfg, version, splits)
 
     # ---------------------------------------------------------------- retrain, evaluate, register
     def retrain(self, cfg: FlightsPipeline, version: DataVersion, tuning: TuningResult, splits: dict[str, Any],
                 checkpoint_dir: Path | None) -> FinalModel:
         from tuning_core.retrain import retrain_xgboost
 
+        if cfg.tune.resources.data_parallel:  # the same workers as the trials; the driver loads the test split
+            from functools import partial
+
+            from tuning_core.trainables.xgboost_distributed import fit_boosters, workers_of
+
+            fit_many = partial(fit_boosters, files=split_files(version, splits, typed_rows),
+                               workers=workers_of(cfg.tune.resources))
+            return retrain_xgboost(tuning.best_config, tuning.best_iteration, None, None, splits["test"],
+                                   retrain=cfg.retrain.retrain, checkpoint_dir=checkpoint_dir, fit_many=fit_many,
+                                   rows=(version.rows["train"], version.rows["valid"]))
         return retrain_xgboost(tuning.best_config, tuning.best_iteration, splits["train"], splits["valid"],
                                splits["test"], retrain=cfg.retrain.retrain, checkpoint_dir=checkpoint_dir)
 
@@ -152,6 +173,28 @@ class Flights(Workload):
     def scored(self, rows: pd.DataFrame, predictions: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
         out, _ = super().scored(rows, predictions)
         return out, {"delayed_rate": float(out["delayed"].mean()) if len(out) else 0.0}
+
+def typed_rows(rows: pd.DataFrame, manifest: dict[str, Any]) -> pd.DataFrame:
+    """Raw rows of a prepared split (a data-parallel worker's shard) as ``load_split`` types them: the
+    features in the training dtypes on the version's categories, and the label."""
+    from tuning_core.data.flights.convert import LABEL
+    from tuning_core.data.flights.features import to_features
+
+    out = to_features(rows, manifest)
+    out[LABEL] = rows[LABEL].astype("int8").to_numpy()
+    return out
+
+
+def split_files(version: DataVersion, splits: Mapping[str, Any], typed: Callable[..., Any]) -> Any:
+    """Where data-parallel workers read ``version``'s splits: the filesystem Ray may hold (``Splits.fs``)."""
+    import pyarrow.fs as pafs
+
+    from tuning_core.trainables.xgboost_distributed import SplitFiles
+
+    fs = getattr(splits, "fs", None) or pafs.LocalFileSystem()  # a plain dict of frames: a local version
+    label = version.manifest.get("label", "delayed")
+    return SplitFiles(fs, version.path.removeprefix("s3://"), version.manifest, typed, label)
+
 
 def booster_spec(booster: Any, features: pd.DataFrame, folder: Path, params: dict[str, Any] | None = None,
                  metrics: dict[str, float] | None = None, train: DatasetSample | None = None,

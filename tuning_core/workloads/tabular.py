@@ -208,6 +208,10 @@ class Tabular(Workload):
 
     # ---------------------------------------------------------------- tune
     def trainable(self, cfg: TabularPipeline) -> Callable[..., None]:
+        if cfg.tune.resources.data_parallel:
+            from tuning_core.trainables.xgboost_distributed import train_xgboost_distributed
+
+            return train_xgboost_distributed
         from tuning_core.trainables.xgboost import train_xgboost
 
         return train_xgboost
@@ -222,6 +226,12 @@ class Tabular(Workload):
         return params
 
     def tune_data(self, cfg: TabularPipeline, version: DataVersion, splits: dict[str, Any]) -> dict[str, Any]:
+        if cfg.tune.resources.data_parallel:
+            from tuning_core.trainables.xgboost_distributed import workers_of
+            from tuning_core.workloads.flights import split_files
+
+            return {"files": split_files(version, splits, typed_rows), "workers": workers_of(cfg.tune.resources),
+                    "task": self.booster_task(version.manifest)}
         return {**super().tune_data(cfg, version, splits), "label": version.manifest["label"],
                 "task": self.booster_task(version.manifest)}
 
@@ -235,19 +245,38 @@ class Tabular(Workload):
 
         manifest = version.manifest
         label, task = manifest["label"], self.booster_task(manifest)
-        train, valid, test = splits["train"], splits["valid"], splits["test"]
+        test = splits["test"]
         started = time.perf_counter()
-        full = pd.concat([train, valid], ignore_index=True)
+        if cfg.tune.resources.data_parallel:  # the same workers as the trials, each on its shard
+            from functools import partial
+
+            from tuning_core.trainables.xgboost_distributed import fit_boosters, workers_of
+            from tuning_core.workloads.flights import split_files
+
+            fit_many = partial(fit_boosters, files=split_files(version, splits, typed_rows),
+                               workers=workers_of(cfg.tune.resources), task=task)
+            rows = version.rows["train"], version.rows["valid"]
+        else:
+            train, valid = splits["train"], splits["valid"]
+            full = pd.concat([train, valid], ignore_index=True)
+
+            def fit_many(fits: list[tuple[dict[str, Any], int]]) -> list[Any]:
+                return [fit_booster(config, full, n, label=label, task=task) for config, n in fits]
+
+            rows = len(train), len(valid)
+        fits = [(DEFAULT_XGB_CONFIG, DEFAULT_XGB_ROUNDS)]
         if cfg.retrain.retrain:
-            rounds = scaled_rounds(tuning.best_iteration, len(train), len(valid))
-            booster, source = fit_booster(tuning.best_config, full, rounds, label=label, task=task), "retrained"
+            rounds = scaled_rounds(tuning.best_iteration, *rows)
+            fits.insert(0, (tuning.best_config, rounds))
+            source = "retrained"
         else:
             if checkpoint_dir is None:
                 raise ConfigError("retrain.retrain false: the best trial has no checkpoint to register; "
                                   "set retrain.retrain true or checkpoint more often (tune.checkpoint_every)")
-            booster, source = load_booster(checkpoint_dir), "checkpoint"
-            rounds = booster.num_boosted_rounds()
-        baseline = fit_booster(DEFAULT_XGB_CONFIG, full, DEFAULT_XGB_ROUNDS, label=label, task=task)
+            source = "checkpoint"
+        *tuned_fit, baseline = fit_many(fits)
+        booster = tuned_fit[0] if cfg.retrain.retrain else load_booster(checkpoint_dir)
+        rounds = rounds if cfg.retrain.retrain else booster.num_boosted_rounds()
         tuned_p, base_p = _predict(booster, test, label), _predict(baseline, test, label)
         fit_s = time.perf_counter() - started
         y = test[label].to_numpy()
@@ -345,6 +374,16 @@ def _plots(manifest: dict[str, Any], y: Any, tuned: Any, base: Any) -> dict[str,
         cm = confusion(y, np.asarray(tuned).argmax(axis=1), len(names))
         return {"confusion_matrix.png": confusion_png(cm, names, "test confusion matrix (tuned)")}
     return {}
+
+
+def typed_rows(rows: pd.DataFrame, manifest: dict[str, Any]) -> pd.DataFrame:
+    """Raw rows of a prepared split (a data-parallel worker's shard) as ``load_split`` types them."""
+    from tuning_core.data.tabular import typed_features
+
+    out = typed_features(rows, manifest)
+    label = manifest["label"]
+    out[label] = rows[label].astype("float64" if manifest["task"] == "regression" else "int64").to_numpy()
+    return out
 
 
 _MLFLOW_TYPES = {bool: "boolean", int: "long", float: "double", str: "string"}

@@ -1,0 +1,170 @@
+"""Data-parallel trials (``tune.resources.workers_per_trial`` > 1): every trial is a Ray Train run of
+XGBoost workers, each on its own shard of the data version's parquet splits.
+
+Real parts: the session's local Ray (2 CPUs), Ray Train's XGBoost trainer (2 workers), Ray Data over a
+small real flights version (4,000 labelled rows of the ASA 2008 sample) in a tmp folder. Budgets are
+tiny: these tests check the plumbing (reports, checkpoints, schedulers, shards, resume), not models.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import pytest
+
+from tests.conftest import ASA_SAMPLE, ROOT
+from tuning_core.config import FlightsData, TuneConfig, build_config
+from tuning_core.data import flights
+from tuning_core.errors import ConfigError
+from tuning_core.runner import run_tuning
+from tuning_core.trainables.xgboost import MODEL_FILE
+
+LOCAL = pafs.LocalFileSystem()
+SPACE: dict[str, Any] = {"max_depth": {"type": "randint", "low": 2, "high": 5},
+                         "eta": {"type": "loguniform", "low": 0.05, "high": 0.5}, "tree_method": "hist"}
+
+
+def dp_cfg(**kw: Any) -> TuneConfig:
+    base = {"search": "random", "scheduler": "fifo", "num_samples": 1, "max_iterations": 20, "checkpoint_every": 10,
+            "space": SPACE, "max_failures": 1, "resources": {"workers_per_trial": 2, "cpu_per_worker": 1}}
+    return build_config(TuneConfig, {**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def version(tmp_path_factory) -> Any:
+    root = tmp_path_factory.mktemp("store")
+    return flights.prepare(FlightsData(source=str(ASA_SAMPLE), max_rows=4000), LOCAL, str(ASA_SAMPLE), LOCAL,
+                           str(root))
+
+
+def tune_inputs(version: Any, cfg: TuneConfig) -> tuple[Any, dict[str, Any]]:
+    """The flights workload's trainable and trial data for ``cfg``, as the tune stage builds them."""
+    from tuning_core.workloads.base import Splits
+    from tuning_core.workloads.flights import WORKLOAD, FlightsPipeline
+
+    pipeline = FlightsPipeline(tune=cfg)
+    never = Splits(lambda name: pytest.fail(f"the driver loaded split {name}"), ("train", "valid"), LOCAL)
+    return WORKLOAD.trainable(pipeline), WORKLOAD.tune_data(pipeline, version, never)
+
+
+def trial_results(exp_dir: Path, trial_id: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (exp_dir / f"trial_{trial_id}" / "result.json").read_text().splitlines()]
+
+
+def test_asha_stops_the_worse_trial_and_every_worker_reads_only_its_shard(ray_local, version, tmp_path):
+    import xgboost as xgb
+
+    # The second (poor) configuration meets the first at the grace rung: top-k with eta 2 keeps one.
+    cfg = dp_cfg(scheduler="asha", num_samples=2, scheduler_options={"grace_period": 2, "reduction_factor": 2},
+                 points_to_evaluate=[{"max_depth": 4, "eta": 0.3}, {"max_depth": 2, "eta": 0.0501}])
+    trainable, data = tune_inputs(version, cfg)
+    assert trainable.__name__ == "train_xgboost_distributed"
+    result = run_tuning(trainable, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "dp-asha")
+    exp_dir = Path(result.experiment_uri)
+    by_iters = sorted(result.trials, key=lambda t: t.iterations)
+    assert by_iters[0].iterations < 20 <= by_iters[1].iterations  # ASHA stopped one
+    for trial in result.trials:
+        # Every boosting round is in the history, although the workers reported only at rungs and the end.
+        assert [h["training_iteration"] for h in trial.history] == list(range(1, trial.iterations + 1))
+        assert "auc" in trial.metrics and "logloss" in trial.metrics
+        for row in trial_results(exp_dir, trial.trial_id):
+            workers = row["workers"]
+            assert [w["rank"] for w in workers] == [0, 1]
+            for split in ("train", "valid"):
+                rows = [w[f"{split}_rows"] for w in workers]
+                assert sum(rows) == version.rows[split], (split, rows)  # none dropped, none twice
+                assert all(0 < n < version.rows[split] for n in rows)
+        # The Train run's own folder (checkpoints already copied by Tune) is gone, stopped trial's too.
+        assert not (exp_dir / f"trial_{trial.trial_id}" / "train").exists()
+    best = max(result.trials, key=lambda t: t.iterations)
+    ckpt = Path(best.checkpoint_uri)
+    assert xgb.Booster(model_file=str(ckpt / MODEL_FILE)).num_boosted_rounds() == 20
+
+
+def test_pbt_that_cannot_run_two_trials_side_by_side_is_refused(ray_local, version, tmp_path):
+    cfg = dp_cfg(scheduler="pbt", num_samples=2, resources={"workers_per_trial": 2, "cpu_per_worker": 1})
+    trainable, data = tune_inputs(version, cfg)
+    with pytest.raises(ConfigError, match="PBT needs at least 2 side by side"):
+        run_tuning(trainable, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "dp-pbt-refused")
+
+
+def test_workers_that_do_not_fit_the_cluster_fail_before_tuning(ray_local, version, tmp_path):
+    cfg = dp_cfg(resources={"workers_per_trial": 3, "cpu_per_worker": 1})
+    trainable, data = tune_inputs(version, cfg)
+    with pytest.raises(ConfigError, match="workers_per_trial=3 workers of cpu_per_worker=1 CPU, but the cluster"):
+        run_tuning(trainable, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "dp-too-big")
+    assert not (tmp_path / "ray" / "dp-too-big").exists()
+
+
+def test_gpu_with_workers_per_trial_is_a_config_error():
+    with pytest.raises(ConfigError, match="data-parallel trials run on CPU workers only"):
+        dp_cfg(resources={"workers_per_trial": 2, "gpu": 1})
+
+
+def failing_after_first_checkpoint(marker: str) -> Any:
+    """The data-parallel trainable, failing once right after its first Tune checkpoint: the trial
+    process raises, which ends its Train run; Tune's retry must resume from that checkpoint."""
+    from tests.faults import fail_once
+    from tuning_core.trainables import distributed
+    from tuning_core.trainables.xgboost_distributed import train_xgboost_distributed
+
+    def run(config: dict[str, Any], **data: Any) -> None:
+        real = distributed._tune_report
+
+        def report(item: dict[str, Any]) -> None:
+            real(item)
+            if item.get("checkpoint") is not None:
+                fail_once(marker)
+
+        distributed._tune_report = report
+        try:
+            return train_xgboost_distributed(config, **data)
+        finally:
+            distributed._tune_report = real
+
+    run.__name__ = "failing_dp"
+    return run
+
+
+def test_trial_failing_mid_run_resumes_its_train_run_from_the_checkpoint(ray_local, version, tmp_path):
+    import xgboost as xgb
+
+    marker = tmp_path / "failed-once"
+    cfg = dp_cfg(max_iterations=12, checkpoint_every=4, max_failures=1)
+    _, data = tune_inputs(version, cfg)
+    result = run_tuning(failing_after_first_checkpoint(str(marker)), data, cfg.space, cfg, LOCAL,
+                        str(tmp_path / "ray"), "dp-fault")
+    assert marker.exists()
+    (trial,) = result.trials
+    assert trial.status == "TERMINATED" and trial.iterations == 12
+    exp_dir = Path(result.experiment_uri)
+    trial_dir = exp_dir / f"trial_{trial.trial_id}"
+    assert "injected trial failure" in (trial_dir / "error.txt").read_text()
+    iterations = [r["training_iteration"] for r in trial_results(exp_dir, trial.trial_id)]
+    # Resumed after iteration 4, not restarted: no iteration before 4 was reported twice.
+    assert iterations.count(4) <= 2 and [i for i in iterations if i < 4] == sorted(set(i for i in iterations if i < 4))
+    assert iterations[-1] == 12
+    assert xgb.Booster(model_file=str(Path(trial.checkpoint_uri) / MODEL_FILE)).num_boosted_rounds() == 12
+
+
+def test_one_worker_per_trial_keeps_the_single_process_path_without_ray_train():
+    code = (
+        "import sys\n"
+        "from tuning_core.workloads.flights import WORKLOAD, FlightsPipeline\n"
+        "from tuning_core.runner import run_tuning\n"
+        "import tasks.workloads\n"
+        "cfg = FlightsPipeline()\n"
+        "assert WORKLOAD.trainable(cfg).__name__ == 'train_xgboost'\n"
+        "WORKLOAD.tune_data(cfg, type('V', (), {'version': 'v'})(), {'train': 1, 'valid': 2})\n"
+        "bad = [m for m in ('ray.train.xgboost', 'ray.train.v2.xgboost', 'ray.data',\n"
+        "       'tuning_core.trainables.distributed', 'tuning_core.trainables.xgboost_distributed')\n"
+        "       if m in sys.modules]\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
