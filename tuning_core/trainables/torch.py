@@ -131,21 +131,23 @@ def _finite(total: torch.Tensor) -> bool:
 
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                  batch_size: int, generator: torch.Generator, device: torch.device, precision: str = "fp32",
-                 finite: Callable[[torch.Tensor], bool] = _finite) -> float:
+                 finite: Callable[[torch.Tensor], bool] = _finite, rows: int | None = None) -> float:
     """One pass over ``x``/``y`` in seeded random batches; the mean training loss (NaN once diverged).
 
-    ``finite`` decides, from this process's running loss sum, whether training goes on; a data-parallel
-    worker passes one that agrees across workers (``torch_ddp``), since a worker leaving the epoch alone
-    would leave the others waiting in their next gradient all-reduce.
+    ``finite`` decides, from this process's running loss sum, whether training goes on; ``rows`` (None:
+    all) caps the rows drawn this epoch. A data-parallel worker (``torch_ddp``) passes a check that
+    agrees across workers and the smallest shard's size, so that every worker takes the same steps: one
+    leaving the epoch early, or taking a step more, would leave the others waiting in a gradient
+    all-reduce.
     """
     model.train()
     # The permutation comes from a CPU generator (same batches on CPU and GPU, same after a resume).
-    order = torch.randperm(len(y), generator=generator).to(x.device)
+    order = torch.randperm(len(y), generator=generator)[:rows].to(x.device)
     # The loss sum stays a device tensor: reading it back every step would stall the GPU's queue.
     # A diverged trial is noticed every CHECK_EVERY steps and at the end, and reports NaN (the
     # scheduler stops it; training does not crash).
     total, seen = torch.zeros((), device=x.device), 0
-    for step, start in enumerate(range(0, len(y), batch_size), 1):
+    for step, start in enumerate(range(0, len(order), batch_size), 1):
         idx = order[start: start + batch_size]
         if len(idx) < 2 and seen:  # a batch of one breaks batch norm; skip the odd leftover
             continue

@@ -8,7 +8,7 @@ extra). The registered model is a ``torch.export`` program served by
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -115,9 +115,20 @@ class FashionMnist(Workload):
 
     # ---------------------------------------------------------------- tune
     def trainable(self, cfg: FashionPipeline) -> Callable[..., None]:
+        if cfg.tune.resources.data_parallel:
+            from tuning_core.trainables.torch_distributed import train_fashion_distributed
+
+            return train_fashion_distributed
         from tuning_core.trainables.torch import train_fashion
 
         return train_fashion
+
+    def tune_data(self, cfg: FashionPipeline, version: DataVersion, splits: Mapping[str, Any]) -> dict[str, Any]:
+        if cfg.tune.resources.data_parallel:  # the workers read their shards; the driver loads nothing
+            from tuning_core.trainables.torch_distributed import workers_of
+
+            return {"files": _image_files(version, splits), "workers": workers_of(cfg.tune.resources)}
+        return super().tune_data(cfg, version, splits)
 
     # ---------------------------------------------------------------- retrain, evaluate, register
     def retrain(self, cfg: FashionPipeline, version: DataVersion, tuning: TuningResult, splits: dict[str, Any],
@@ -128,15 +139,27 @@ class FashionMnist(Workload):
         from tuning_core.retrain import FinalModel
         from tuning_core.trainables import torch as tt
 
-        (xt, yt), (xv, yv), test = splits["train"], splits["valid"], splits["test"]
-        full = (np.concatenate([xt, xv]), np.concatenate([yt, yv]))
+        test = splits["test"]
         epochs = max(1, tuning.best_iteration)
         started = time.perf_counter()
+        fits = [(DEFAULT_CONFIG, epochs)]
         if cfg.retrain.retrain:
-            model, source = tt.fit_final(tuning.best_config, full, epochs, seed=cfg.tune.seed), "retrained"
+            fits.insert(0, (tuning.best_config, epochs))
+        if cfg.tune.resources.data_parallel:
+            # The winner and the default on the trials' workers, each reading its shard of train+valid.
+            from tuning_core.trainables.torch_distributed import fit_models, workers_of
+
+            models = fit_models(fits, _image_files(version, splits), workers_of(cfg.tune.resources),
+                                seed=cfg.tune.seed)
+        else:
+            (xt, yt), (xv, yv) = splits["train"], splits["valid"]
+            full = (np.concatenate([xt, xv]), np.concatenate([yt, yv]))
+            models = [tt.fit_final(config, full, n, seed=cfg.tune.seed) for config, n in fits]
+        *tuned, baseline = models
+        if cfg.retrain.retrain:
+            model, source = tuned[0], "retrained"
         else:
             model, source = tt.load_checkpoint_model(checkpoint_dir, tuning.best_config), "checkpoint"
-        baseline = tt.fit_final(DEFAULT_CONFIG, full, epochs, seed=cfg.tune.seed)
         tuned_m, base_m = tt.evaluate(model, test), tt.evaluate(baseline, test)
         fit_s = time.perf_counter() - started
         cm = tuned_m.pop("confusion")
@@ -172,6 +195,16 @@ class FashionMnist(Workload):
         logits = np.asarray(model.predict(x))
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return multiclass_metrics(y, e / e.sum(axis=1, keepdims=True))
+
+
+def _image_files(version: DataVersion, splits: Mapping[str, Any]) -> Any:
+    """Where data-parallel workers read ``version``'s splits: the filesystem Ray may hold (``Splits.fs``)."""
+    import pyarrow.fs as pafs
+
+    from tuning_core.trainables.torch_distributed import image_files
+
+    fs = getattr(splits, "fs", None) or pafs.LocalFileSystem()  # a plain dict of arrays: a local version
+    return image_files(fs, version.path, version.manifest)
 
 
 def image_spec(model: Any, example: np.ndarray, preprocessing: dict[str, Any], folder: Path,
