@@ -145,7 +145,9 @@ def preflight(cfg: Pipeline, ctx: Context) -> Pipeline:
         raise ConfigError(f"registry.metric {cfg.registry.metric!r}: the {cfg.workload} model is evaluated on the "
                           f"test split with {list(tested)}; expected one of them")
     check_trial_configs(cfg, space)
-    check_local_resources(ctx.settings, cfg.tune.resources.cpu, cfg.tune.resources.gpu)
+    res = cfg.tune.resources  # a data-parallel trial holds its workers' CPUs (Ray Train places them)
+    cpu, gpu = (res.workers_per_trial * res.cpu_per_worker, 0.0) if res.data_parallel else (res.cpu, res.gpu)
+    check_local_resources(ctx.settings, cpu, gpu)
     workload.check_data(cfg, source, source_fs)
     ctx.tracker().check()
     return cfg

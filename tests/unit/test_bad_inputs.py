@@ -239,6 +239,13 @@ CASES: dict[str, Case] = {
     "bad YAML": Case(with_config(_yaml("tune: [unclosed\n")), "not valid YAML"),
     "YAML not a mapping": Case(with_config(_yaml("- a\n- b\n")), "expected a mapping at the top level, got list"),
     "unknown config key": Case(with_config(_yaml("tune:\n  num_smaples: 3\n")), "tune.num_smaples"),
+    # 64 data-parallel workers of 1 CPU: more than the local Ray's CPUs, refused before anything is written.
+    "data-parallel trial needs more CPUs than local Ray has": Case(
+        with_config(_yaml("tune:\n  resources: {workers_per_trial: 64}\n")),
+        "tune.resources: one trial needs cpu=64, gpu=0, but the local Ray"),
+    "gpu with workers_per_trial": Case(
+        with_config(_yaml("tune:\n  resources: {workers_per_trial: 2, gpu: 1}\n")),
+        "data-parallel trials run on CPU workers only"),
     # No machine here has 64 GPUs: Tune would keep such a trial pending forever.
     "trial needs more GPUs than local Ray has": Case(
         with_config(_yaml("tune:\n  resources: {cpu: 1, gpu: 64}\n")),
