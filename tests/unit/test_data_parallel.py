@@ -192,3 +192,32 @@ def test_one_worker_per_trial_keeps_the_single_process_path_without_ray_train():
         "sys.exit(1 if bad else 0)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_tabular_multiclass_with_a_category_tunes_and_retrains_on_two_workers(ray_local, tmp_path):
+    pytest.importorskip("sklearn.datasets")
+    from tests.unit.test_tabular import wine_parquet
+    from tuning_core.workloads import WORKLOADS
+    from tuning_core.workloads.base import Splits
+    from tuning_core.workloads.tabular import TabularPipeline
+
+    tabular = WORKLOADS["tabular"]
+    cfg = TabularPipeline(data={"source": str(wine_parquet(tmp_path)), "label": "target"},
+                          tune={"search": "random", "scheduler": "fifo", "num_samples": 1, "max_iterations": 6,
+                                "checkpoint_every": 3, "space": SPACE,
+                                "resources": {"workers_per_trial": 2, "cpu_per_worker": 1}})
+    source = tabular.data_source(cfg)
+    cfg = tabular.resolve(cfg, source, LOCAL)
+    version = tabular.prepare(cfg, source, LOCAL, LOCAL, str(tmp_path / "store"))
+
+    def load(name: str) -> Any:
+        assert name == "test", f"the driver loaded split {name}"  # train/valid stay with the workers
+        return tabular.load_split(LOCAL, version, name)
+
+    splits = Splits(load, ("train", "valid", "test"), LOCAL)
+    data = tabular.tune_data(cfg, version, splits)
+    result = run_tuning(tabular.trainable(cfg), data, cfg.tune.space, cfg.tune, LOCAL, str(tmp_path / "ray"), "dp-tab")
+    (trial,) = result.trials
+    assert trial.iterations == 6 and "mlogloss" in trial.metrics and "merror" in trial.metrics
+    final = tabular.retrain(cfg, version, result, splits, None)
+    assert final.rounds >= 1 and final.test_metrics["accuracy"] > 0.8
