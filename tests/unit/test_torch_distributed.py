@@ -194,3 +194,23 @@ def tune_inputs_single(version: Any, cfg: TuneConfig) -> tuple[Any, dict[str, An
     pipeline = FashionPipeline(data=FashionData(source=str(FASHION_SAMPLE)), tune=cfg)
     loaded = Splits(lambda name: idx.load_split(LOCAL, version.path, name), ("train", "valid"), LOCAL)
     return WORKLOAD.trainable(pipeline), WORKLOAD.tune_data(pipeline, version, loaded)
+
+
+def test_distributed_retrain_reads_its_shards_from_s3_with_the_keyless_filesystem(ray_local, s3_settings):
+    """The workers read the version's npz files from S3 (moto) through the filesystem Ray is handed, which
+    holds no keys (they have theirs in their environment), as the flow's retrain does on an s3:// root."""
+    from infra.storage import build_storage
+    from tuning_core.trainables.distributed import Workers
+    from tuning_core.trainables.torch_distributed import fit_models, image_files
+
+    storage = build_storage(s3_settings)
+    version = idx.prepare(FashionData(source=str(FASHION_SAMPLE)), LOCAL, str(FASHION_SAMPLE), storage.fs,
+                          storage.root)
+    assert version.uri.startswith("s3://")
+    fs = storage.fs_for_ray(s3_settings)
+    # No key travels to the workers with it (the storage's own filesystem pickles its secret).
+    assert "testing-secret" in repr(storage.fs.__reduce__()) and "testing-secret" not in repr(fs.__reduce__())
+    (model,) = fit_models([({**SPACE, "lr": 0.05}, 1)], image_files(fs, version.uri, version.manifest),
+                          Workers(2, 1))
+    test = idx.load_split(storage.fs, version.path, "test")
+    assert evaluate(model, test)["accuracy"] > 0.2  # chance is 0.1; one epoch of a width-8 CNN
