@@ -206,5 +206,99 @@ def test_local_folder_storage_on_a_multinode_cluster_is_refused(driver_run):
     assert not list(store.glob("ray/*")), "the experiment started despite the refusal"
 
 
+# ---- data-parallel trials across the two nodes (issue 18, part 4) ----------------------------------
+
+
+def _whole_table_growth_mb(version_dir: str, s3_env: dict[str, str]) -> float:
+    """What holding the whole training split costs one process: the memory a fresh process gains
+    reading it and building its training matrix (MiB). Measured the way the workers measure theirs."""
+    code = (
+        "import resource, sys, xgboost, pyarrow.parquet, pandas\n"
+        "from infra.settings import get_settings\n"
+        "from infra.storage import build_storage\n"
+        "from tuning_core.data.flights import load_split\n"
+        "from tuning_core.trainables.xgboost import quantile_matrix, split_xy, xgb_params\n"
+        "def rss():\n"
+        "    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+        "before = rss()\n"
+        "fs = build_storage(get_settings()).fs\n"
+        "x, y = split_xy(load_split(fs, sys.argv[1], 'train'))\n"
+        "m = quantile_matrix(x, y, xgb_params({}))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)\n")
+    done = subprocess.run([sys.executable, "-c", code, version_dir], env={**os.environ, **s3_env}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def test_data_parallel_pipeline_spreads_each_trial_over_both_nodes_each_worker_holding_its_shard(
+        two_nodes, seaweed_s3, tmp_path):
+    """`tunepipe run flights` with ``workers_per_trial: 2`` on the two-node cluster (one CPU each), S3 on
+    the stack's server: every trial is one Ray Train run with a worker on each node, each reading only its
+    half of the training split; the retrain runs on the same workers; the registered model loads and
+    predicts in a fresh process. Each worker's memory grows by about its shard, not the whole table."""
+    import pyarrow.fs as pafs
+
+    from benchmarks.scale import link_files, year_files
+    from infra.storage import s3_filesystem
+
+    data = link_files(year_files(tmp_path / "years", 3), tmp_path / "data")  # 1.0M flights in 3 files
+    prefix = f"dp-{uuid.uuid4().hex[:8]}"
+    config = tmp_path / "dp.yaml"
+    config.write_text(json.dumps({
+        "tune": {"num_samples": 2, "max_iterations": 12, "checkpoint_every": 6, "search": "random",
+                 "scheduler": "asha", "resources": {"workers_per_trial": 2, "cpu_per_worker": 1}},
+        "registry": {"model_name": "dp-two-nodes"}}))
+    summary_file = tmp_path / "summary.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "TUNEPIPE_", "MLFLOW_", "RAY_ADDRESS"))}
+    env.update(seaweed_s3.env, **two_nodes.env, TUNEPIPE_STORAGE=f"s3://{seaweed_s3.bucket}/{prefix}",
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PREFECT_HOME=str(tmp_path / "prefect"),
+               RAY_USAGE_STATS_ENABLED="0", GIT_PYTHON_REFRESH="quiet")
+    tunepipe = Path(sys.executable).with_name("tunepipe")
+    run = subprocess.run([str(tunepipe), "run", "flights", "--data", data, "--config", str(config),
+                          "--summary-json", str(summary_file)], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-4000:]
+    summary = json.loads(summary_file.read_text())
+    assert summary["tuning"]["num_trials"] == 2 and summary["registry"]["version"] == "1"
+
+    # Every report of every trial came from both workers, one per node, each holding about half the rows.
+    fs = s3_filesystem(seaweed_s3.settings())
+    manifest = json.loads(fs.open_input_file(
+        summary["data"]["uri"].removeprefix("s3://") + "/manifest.json").read().decode())
+    train_rows = manifest["rows"]["train"]
+    experiment = summary["tuning"]["experiment_uri"].removeprefix("s3://")
+    results = [fs.open_input_file(f.path).read().decode()
+               for f in fs.get_file_info(pafs.FileSelector(experiment, recursive=True))
+               if f.path.endswith("/result.json") and "/train/" not in f.path]
+    assert len(results) == 2
+    reports = [json.loads(line) for text in results for line in text.splitlines() if line.strip()]
+    assert reports and all(len(r["workers"]) == 2 for r in reports)
+    for report in reports:
+        workers = sorted(report["workers"], key=lambda w: w["rank"])
+        assert [w["rank"] for w in workers] == [0, 1]
+        assert len({w["node_id"] for w in workers}) == 2, workers  # one worker on each node
+        assert sum(w["train_rows"] for w in workers) == train_rows
+        assert all(abs(w["train_rows"] - train_rows / 2) <= 1 for w in workers), (workers, train_rows)
+
+    # Memory: each worker gained about its shard's worth (reading it, typing it, its matrix), well under
+    # what one process gains holding the whole split. Loose on purpose (allocator and Ray Data buffers).
+    whole = _whole_table_growth_mb(summary["data"]["uri"], seaweed_s3.env)
+    grown = [w["peak_rss_mb"] - w["rss_before_data_mb"] for r in reports for w in r["workers"]]
+    assert whole > 40, whole  # the table is big enough for the comparison to mean something
+    assert max(grown) < 0.8 * whole, (grown, whole)
+
+    # A registry consumer in a fresh process: the champion loads from S3 and predicts raw rows.
+    code = ("import mlflow, pandas as pd, sys\n"
+            "m = mlflow.pyfunc.load_model('models:/dp-two-nodes@champion')\n"
+            "rows = pd.read_csv(sys.argv[1], nrows=5)\n"
+            "print(len(m.predict(rows)))\n")
+    first_file = sorted(Path(data).iterdir())[0]
+    consumer = {k: v for k, v in env.items() if not k.startswith("RAY_")}
+    done = subprocess.run([sys.executable, "-c", code, str(first_file)], env=consumer, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "5", done.stderr[-3000:]
+
+
 if __name__ == "__main__":
     _drive(*sys.argv[1:4])

@@ -187,6 +187,14 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def rss_mb() -> float:
+    """This process's resident memory now, in MiB: taken before a worker reads its shards, so that its
+    peak minus this is what its data cost (the imports and Ray's own share come before)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def report_round(metrics: dict[str, Any], iteration: int, cadence: Cadence, save: Callable[[Path], None],
                  worker: dict[str, Any] | None = None) -> bool:
     """On a worker: report ``metrics`` for ``iteration`` (1-based) where ``cadence`` says so, with a
@@ -194,14 +202,15 @@ def report_round(metrics: dict[str, Any], iteration: int, cadence: Cadence, save
 
     Every rank calls this after every iteration: a Ray Train report is collective (all ranks or none),
     and the cadence gives every rank the same answer. ``worker``: this worker's own facts (e.g. the
-    rows of its shards); Tune gets every rank's, with ``rank`` and ``peak_rss_mb``, as ``workers``.
+    rows of its shards); Tune gets every rank's, with ``rank``, ``peak_rss_mb`` and ``node_id``, as ``workers``.
     """
     import ray
     import ray.train
 
     if not cadence.reports(iteration):
         return False
-    facts = {**(worker or {}), "rank": world_rank(), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    facts = {**(worker or {}), "rank": world_rank(), "peak_rss_mb": round(peak_rss_mb(), 1),
+             "node_id": ray.get_runtime_context().get_node_id()}
     metrics = {**metrics, ITERATION_KEY: iteration, "node_id": ray.get_runtime_context().get_node_id(),
                WORKER_KEY: facts}
     if cadence.checkpoints(iteration) and world_rank() == 0:

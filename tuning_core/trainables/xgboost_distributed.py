@@ -30,6 +30,7 @@ from tuning_core.trainables.distributed import (
     read_parquet_split,
     report_round,
     restored_folder,
+    rss_mb,
     run_in_trial,
     shard_frame,
     world_rank,
@@ -89,8 +90,9 @@ def _trial_loop(config: dict[str, Any]) -> None:
     label = spec["files"].label
     cadence = Cadence.of(config)
     params = xgb_params(_model_config(config), spec["nthread"], task=spec["task"])
+    before = rss_mb()
     train, valid = _shard("train", spec), _shard("valid", spec)
-    rows = {"train_rows": len(train), "valid_rows": len(valid)}
+    rows = {"train_rows": len(train), "valid_rows": len(valid), "rss_before_data_mb": round(before, 1)}
     x_train, y_train = split_xy(train, label)
     x_valid, y_valid = split_xy(valid, label)
     dtrain = quantile_matrix(x_train, y_train, params)
