@@ -263,6 +263,10 @@ def run_tuning(
     wrapped = tune.with_resources(tune.with_parameters(trainable, **data), resources)
     started = time.monotonic()
     cbs = _driver_callbacks(cfg, progress, callbacks)
+    if cfg.resources.data_parallel:
+        from tuning_core.trainables.distributed import stopped_run_releaser
+
+        cbs.append(stopped_run_releaser())
     resumed = tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs)
     if resumed:
         log.info("resuming experiment %s%s (finished trials are kept)", uri_prefix, exp_path)

@@ -70,6 +70,9 @@ ITERATION_KEY = "_iteration"
 # Each worker's own facts (rows of its shards, its peak memory): Tune receives them from every rank as
 # the list ``workers`` (rank order); every other metric is rank 0's.
 WORKER_KEY = "_worker"
+# The placement group of the trial's current Train run (hex id), in rank 0's reports: see
+# ``StoppedRunReleaser``.
+PLACEMENT_GROUP_KEY = "_train_placement_group"
 
 # What the trial process itself reserves: no CPU (the Train run reserves its workers'), but Tune
 # refuses an empty request, so a token amount of memory.
@@ -213,6 +216,9 @@ def report_round(metrics: dict[str, Any], iteration: int, cadence: Cadence, save
              "node_id": ray.get_runtime_context().get_node_id()}
     metrics = {**metrics, ITERATION_KEY: iteration, "node_id": ray.get_runtime_context().get_node_id(),
                WORKER_KEY: facts}
+    group = ray.util.get_current_placement_group()
+    if group is not None:  # the Train run's workers' group: the driver frees it once the trial stops
+        metrics[PLACEMENT_GROUP_KEY] = group.id.hex()
     if cadence.checkpoints(iteration) and world_rank() == 0:
         with tempfile.TemporaryDirectory() as tmp:
             save(Path(tmp))
@@ -297,6 +303,50 @@ def _abort(controller: Any, inbox: Any) -> None:
         pass
     with contextlib.suppress(Exception):
         ray.kill(controller, no_restart=True)
+
+
+def _remove_placement_group(hex_id: str) -> None:
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    with contextlib.suppress(Exception):  # already gone (its run ended normally): nothing to free
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(hex_id))))
+
+
+def stopped_run_releaser() -> Any:
+    """A driver-side Tune callback that frees the workers' placement group of every trial that stops
+    running (paused by PBT, stopped by a scheduler, errored, finished) and of every Train run a trial
+    replaced with a new one.
+
+    A trial's Train controller creates its workers' placement group, and Ray ties a placement group's
+    life to the job, not to the actor that created it: when Tune stops a trial, its function gets no time
+    to end its Train run (``FunctionTrainable.cleanup`` waits 0 s, and a paused trial's actor may be
+    killed at once), the controller dies with the trial's actor, and the group keeps its CPUs until Ray
+    Train's cleaner actor removes it. That cleaner did not (it could not find the cluster while several
+    local Rays ran on one machine), so under PBT, which pauses trials all the time, a paused trial waited
+    for those CPUs forever. The driver knows when a trial stops; each report names the group.
+    """
+    from ray.tune import Callback
+
+    class StoppedRunReleaser(Callback):
+        def __init__(self) -> None:
+            self.held: dict[str, str] = {}  # trial id → its Train run's placement group
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            group = result.get(PLACEMENT_GROUP_KEY)
+            if not group:
+                return
+            previous = self.held.get(trial.trial_id)
+            if previous and previous != group:  # a new Train run of the trial (retry, PBT restart)
+                _remove_placement_group(previous)
+            self.held[trial.trial_id] = group
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            for trial in trials:
+                if trial.status != "RUNNING" and trial.trial_id in self.held:
+                    _remove_placement_group(self.held.pop(trial.trial_id))
+
+    return StoppedRunReleaser()
 
 
 def release_leftovers(fs: Any, experiment_path: str) -> None:
