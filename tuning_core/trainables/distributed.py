@@ -404,6 +404,11 @@ def run_in_trial(trainer_cls: type, train_loop: Callable[[dict[str, Any]], None]
     # Tune reuses a trial's actor only once the previous trial's function has returned, and waits 2 s
     # for it by default (then kills the actor): ending a Train run (``_abort``) takes longer than that.
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
+    # The Train controller collects the workers' reports when it polls them, every 2 s by default; the
+    # workers wait for Tune at each report, so every report cost up to 2 s (measured: 2.0 s per round at
+    # 0.3M rows with a report every round, against 0.017 s of boosting). Ray Train passes the variable
+    # on to the controller it starts from this process.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.05")
     storage = get_session().storage  # the trial's folder on the experiment's storage (local or S3)
     fs, trial_path = storage.storage_filesystem, storage.trial_fs_path
     run_root = f"{trial_path.rstrip('/')}/train"
