@@ -107,7 +107,7 @@ class PeakMemory:
                     if os.getsid(proc.pid) != self.session:
                         continue
                     rss = proc.memory_info().rss
-                except (OSError, psutil.Error):
+                except Exception:  # noqa: BLE001 - gone or unreadable mid-sample: a sampler must not die
                     continue
                 total += rss
                 title = " ".join((proc.info["cmdline"] or [""])[:1])[:80]
@@ -175,11 +175,21 @@ def one_trial(data: str, storage: Path, workers: int, rounds: int, log: Path) ->
     cmd = [*_tunepipe(), "run", "flights", "--data", data, "--config", str(config), "--summary-json", str(summary)]
     wall, mem = measured(cmd, _env(storage), log)
     s = json.loads(summary.read_text())
-    per_round = _seconds_per_round(Path(s["tuning"]["experiment_uri"]))
+    experiment = Path(s["tuning"]["experiment_uri"])
+    per_round = _seconds_per_round(experiment)
     needle = "ImplicitFunc" if workers == 1 else "TrainWorker"
     return {"workers": workers, "rounds": rounds, "wall_s": wall, "tune_s": s["timings"]["tune_s"],
             "s_per_round": per_round, "peak_worker_mb": mem.largest(needle) / 2**20,
-            "worker_processes": mem.count(needle), "peak_tree_mb": mem.tree_peak / 2**20}
+            "worker_processes": mem.count(needle), "peak_tree_mb": mem.tree_peak / 2**20,
+            # Data-parallel workers report their own peak (getrusage) and shard rows with every result.
+            "reported_by_workers": _worker_facts(experiment) if workers > 1 else None}
+
+
+def _worker_facts(experiment: Path) -> list[dict[str, Any]]:
+    (trial,) = [p for p in experiment.iterdir() if p.is_dir() and p.name.startswith("trial_")]
+    last = json.loads((trial / "result.json").read_text().splitlines()[-1])
+    return [{k: w.get(k) for k in ("rank", "train_rows", "peak_rss_mb", "rss_before_data_mb")}
+            for w in last.get("workers") or []]
 
 
 def _seconds_per_round(experiment: Path) -> float:

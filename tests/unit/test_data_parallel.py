@@ -174,6 +174,46 @@ def test_trial_failing_mid_run_resumes_its_train_run_from_the_checkpoint(ray_loc
     assert xgb.Booster(model_file=str(Path(trial.checkpoint_uri) / MODEL_FILE)).num_boosted_rounds() == 12
 
 
+def test_a_trial_whose_worker_is_sigkilled_resumes_its_train_run_from_the_checkpoint(ray_local, version, tmp_path):
+    """SIGKILL one XGBoost Train worker right after the trial's first checkpoint (round 4): Tune restores
+    the trial, whose new Train run continues from that booster instead of boosting from round 1."""
+    import os
+    import signal
+
+    import psutil
+    import xgboost as xgb
+    from ray.tune import Callback
+
+    killed: list[int] = []
+
+    class KillAWorker(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if killed or result.get("training_iteration") != 4:
+                return
+            # The workers wait in their report until Tune has this result, so the kill lands mid-run. Only
+            # this session's Ray (started by this process) is searched: other Rays may run on the machine.
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    if any("RayTrainWorker" in part for part in proc.cmdline()):
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed.append(proc.pid)
+                        return
+                except psutil.Error:
+                    continue
+
+    cfg = dp_cfg(max_iterations=12, checkpoint_every=4, max_failures=1, stop_metric_threshold=1.0)
+    trainable, data = tune_inputs(version, cfg)
+    result = run_tuning(trainable, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "dp-sigkill",
+                        callbacks=[KillAWorker()])
+    assert killed, "no Ray Train worker process was found to kill"
+    (trial,) = result.trials
+    assert trial.status == "TERMINATED" and trial.iterations == 12
+    iterations = [r["training_iteration"] for r in trial_results(Path(result.experiment_uri), trial.trial_id)]
+    # Rounds 1-4 once (the retry resumed from round 4's checkpoint), then on to 12.
+    assert [i for i in iterations if i <= 4] == [1, 2, 3, 4] and iterations[-1] == 12, iterations
+    assert xgb.Booster(model_file=str(Path(trial.checkpoint_uri) / MODEL_FILE)).num_boosted_rounds() == 12
+
+
 def test_one_worker_per_trial_keeps_the_single_process_path_without_ray_train():
     code = (
         "import sys\n"
