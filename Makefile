@@ -40,10 +40,11 @@ test-unit: $(STAMP)
 
 # The unit tests on Python 3.13 without torch: the torch ones skip (pytest.importorskip), the flights ones
 # and tests/unit/test_packaging.py (flights imports no torch; fashion-mnist says in one line to install it) run.
+# Tests marked slow (Ray Train runs, whole pipelines) run once, under `make test`: they cost minutes each time.
 test-py313: $(STAMP313)
 	@if $(VENV313)/bin/python -c 'import torch' 2>/dev/null; then \
 	  echo "$(VENV313) has torch: the flights side must install without it" >&2; exit 1; fi
-	$(VENV313)/bin/python -m pytest tests/unit $(PYTEST_ARGS); rc=$$?; \
+	$(VENV313)/bin/python -m pytest tests/unit -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 lint: $(STAMP)

@@ -24,6 +24,9 @@ from tuning_core.errors import ConfigError
 from tuning_core.runner import run_tuning
 from tuning_core.trainables.xgboost import MODEL_FILE
 
+# Each test starts Ray Train runs (10-20 s each on 2 CPUs): run once, under `make test`, not again under 3.13.
+pytestmark = pytest.mark.slow
+
 LOCAL = pafs.LocalFileSystem()
 SPACE: dict[str, Any] = {"max_depth": {"type": "randint", "low": 2, "high": 5},
                          "eta": {"type": "loguniform", "low": 0.05, "high": 0.5}, "tree_method": "hist"}
