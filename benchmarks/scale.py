@@ -84,7 +84,7 @@ class PeakMemory:
 
     def __init__(self, session: int, interval_s: float = 0.2) -> None:
         self.session, self.interval_s = session, interval_s
-        self.per_process: dict[int, tuple[str, int]] = {}  # pid → (title, peak RSS bytes)
+        self.per_process: dict[int, tuple[str, int]] = {}  # pid → (its titles, "|"-joined; peak RSS bytes)
         self.tree_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -110,9 +110,12 @@ class PeakMemory:
                 except Exception:  # noqa: BLE001 - gone or unreadable mid-sample: a sampler must not die
                     continue
                 total += rss
+                # Every title a process had: a Ray worker renames itself when it starts running an actor
+                # (``ray::ImplicitFunc``) and again when it is done (``ray::IDLE``).
                 title = " ".join((proc.info["cmdline"] or [""])[:1])[:80]
-                _, peak = self.per_process.get(proc.pid, (title, 0))
-                self.per_process[proc.pid] = (title, max(peak, rss))
+                seen, peak = self.per_process.get(proc.pid, ("", 0))
+                titles = seen if title in seen.split("|") else f"{seen}|{title}"
+                self.per_process[proc.pid] = (titles, max(peak, rss))
             self.tree_peak = max(self.tree_peak, total)
             self._stop.wait(self.interval_s)
 
