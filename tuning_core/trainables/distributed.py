@@ -375,6 +375,34 @@ def release_leftovers(fs: Any, experiment_path: str) -> None:
                 _delete(fs, f"{entry.path}/train")
 
 
+def fit_once(trainer_cls: type, fit_loop: Callable[[dict[str, Any]], None], spec_key: str, spec: dict[str, Any],
+             workers: Workers, datasets: dict[str, Any]) -> Any:
+    """A final fit outside Tune (the distributed retrain): run ``fit_loop`` once on ``workers`` and return
+    what rank 0 puts into ``spec["outbox"]`` (a queue added here), e.g. the fitted models' bytes.
+
+    ``datasets`` are materialised and dealt out in exact contiguous shards; the loop finds ``spec`` under
+    ``spec_key`` in its config. Nothing but Train's run state is written, to a temporary folder.
+    """
+    import ray
+    import ray.train
+    from ray.util.queue import Queue
+
+    outbox = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    datasets = {split: ds.materialize() for split, ds in datasets.items()}
+    try:
+        with tempfile.TemporaryDirectory(prefix="tunepipe-retrain-") as tmp:
+            trainer_cls(
+                fit_loop, train_loop_config={spec_key: {**spec, "outbox": outbox}},
+                scaling_config=workers.scaling_config(),
+                run_config=ray.train.RunConfig(name="retrain", storage_path=tmp,
+                                               failure_config=ray.train.FailureConfig(max_failures=0)),
+                datasets=datasets, dataset_config=exact_shards(datasets, workers.count),
+            ).fit()
+            return outbox.get(timeout=60)
+    finally:
+        ray.kill(outbox.actor, no_restart=True)
+
+
 def run_in_trial(trainer_cls: type, train_loop: Callable[[dict[str, Any]], None], config: dict[str, Any],
                  workers: Workers, *, datasets: dict[str, Any] | None = None, **trainer_kwargs: Any) -> None:
     """From inside a Tune trial function: run ``train_loop`` on ``workers`` as a Ray Train run and relay

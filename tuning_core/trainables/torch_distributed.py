@@ -49,7 +49,7 @@ from tuning_core.trainables.common import CONTROL_KEYS, Cadence
 from tuning_core.trainables.distributed import (
     RESTORE_KEY,
     Workers,
-    exact_shards,
+    fit_once,
     report_round,
     restored_folder,
     run_in_trial,
@@ -326,25 +326,11 @@ def fit_models(fits: list[tuple[dict[str, Any], int]], files: ImageFiles, worker
         What ``tuning_core.trainables.torch.fit_final`` returns for each: a CPU model in eval mode with
         its ``spec`` (build arguments).
     """
-    import ray
-    import ray.train
     from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
 
-    outbox = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    datasets = {split: files.dataset(split).materialize() for split in ("train", "valid")}
-    spec = {"files": files, "fits": [(dict(c), int(e)) for c, e in fits], "seed": int(seed), "outbox": outbox}
-    try:
-        with tempfile.TemporaryDirectory(prefix="tunepipe-retrain-") as tmp:
-            TorchTrainer(
-                _fit_loop, train_loop_config={_SPEC_KEY: spec}, scaling_config=workers.scaling_config(),
-                run_config=ray.train.RunConfig(name="retrain", storage_path=tmp,
-                                               failure_config=ray.train.FailureConfig(max_failures=0)),
-                datasets=datasets, dataset_config=exact_shards(datasets, workers.count),
-            ).fit()
-            out = outbox.get(timeout=60)
-    finally:
-        ray.kill(outbox.actor, no_restart=True)
+    spec = {"files": files, "fits": [(dict(c), int(e)) for c, e in fits], "seed": int(seed)}
+    out = fit_once(TorchTrainer, _fit_loop, _SPEC_KEY, spec, workers,
+                   {split: files.dataset(split) for split in ("train", "valid")})
     logger.info("retrained %d model(s) on %d workers (%d rows)", len(out["states"]), workers.count, out["rows"])
     models = []
     for (fit_config, _), raw in zip(fits, out["states"], strict=True):

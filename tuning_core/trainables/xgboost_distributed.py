@@ -15,7 +15,6 @@ written by rank 0) are the single-process trainable's, so schedulers, PBT, resum
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ from tuning_core.trainables.common import CONTROL_KEYS, Cadence
 from tuning_core.trainables.distributed import (
     RESTORE_KEY,
     Workers,
-    exact_shards,
+    fit_once,
     read_parquet_split,
     report_round,
     restored_folder,
@@ -157,25 +156,12 @@ def fit_boosters(fits: list[tuple[dict[str, Any], int]], files: SplitFiles, work
     Runs on the driver of the retrain stage (no Tune session); the boosters come back through a queue
     from rank 0 (a few MB), so nothing but Train's run state is written, to a temporary folder.
     """
-    import ray.train
     from ray.train.xgboost import XGBoostTrainer
-    from ray.util.queue import Queue
 
     xgb = import_xgboost()
-    outbox = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    datasets = {split: files.dataset(split).materialize() for split in ("train", "valid")}
-    spec = {"files": files, "task": task, "nthread": max(1, int(workers.cpu)), "fits": list(fits), "outbox": outbox}
-    try:
-        with tempfile.TemporaryDirectory(prefix="tunepipe-retrain-") as tmp:
-            XGBoostTrainer(
-                _fit_loop, train_loop_config={_SPEC_KEY: spec}, scaling_config=workers.scaling_config(),
-                run_config=ray.train.RunConfig(name="retrain", storage_path=tmp,
-                                               failure_config=ray.train.FailureConfig(max_failures=0)),
-                datasets=datasets, dataset_config=exact_shards(datasets, workers.count),
-            ).fit()
-            out = outbox.get(timeout=60)
-    finally:
-        ray.kill(outbox.actor, no_restart=True)
+    spec = {"files": files, "task": task, "nthread": max(1, int(workers.cpu)), "fits": list(fits)}
+    out = fit_once(XGBoostTrainer, _fit_loop, _SPEC_KEY, spec, workers,
+                   {split: files.dataset(split) for split in ("train", "valid")})
     log.info("retrained %d booster(s) on %d workers (%d rows)", len(out["boosters"]), workers.count, out["rows"])
     return [xgb.Booster(model_file=bytearray(raw)) for raw in out["boosters"]]
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -128,17 +127,10 @@ def _connect() -> bool:
     return True
 
 
-def _check_answers(address: str, timeout_s: float = 5.0) -> None:
-    """A ``host:port`` (or ``ray://host:port``) address must accept a connection: ``ray.init`` waits for
-    minutes where nothing listens (as ``infra.ray_cluster.check_cluster_answers`` does for the tune stage)."""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not host or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as err:
-        raise ServiceUnavailable(f"RAY_ADDRESS {address}: no Ray cluster answers there ({err.strerror or err}); "
-                                 "start it, or set data.engine: local to read the flights in this process") from None
+def _check_answers(address: str) -> None:
+    from tuning_core.ray_address import check_answers
+
+    check_answers(address, "set data.engine: local to read the flights in this process")
 
 
 def _disconnect() -> None:
