@@ -272,15 +272,17 @@ def _trial_loop(config: dict[str, Any]) -> None:
         report_round(metrics, epoch, cadence, save, worker=rows)
 
 
-def train_fashion_distributed(config: dict[str, Any], files: ImageFiles, workers: Workers) -> None:
+def train_fashion_distributed(config: dict[str, Any], files: ImageFiles, workers: Workers,
+                              datasets: dict[str, Any] | None = None) -> None:
     """Ray Tune function trainable: one ``TorchTrainer`` run on ``workers`` per trial (see module doc).
 
-    ``files`` and ``workers`` come through ``tune.with_parameters`` (small: paths, two numbers, the shape).
+    ``files`` and ``workers`` come through ``tune.with_parameters`` (small: paths, two numbers, the shape);
+    ``datasets``: the train and valid splits the driver read once for all trials (``distributed.read_once``).
     """
     from ray.train.torch import TorchTrainer
 
     spec = {"files": files, "trial_id": single._trial_id(), "seed": int(_model_config(config).get("seed", 0))}
-    datasets = {split: files.dataset(split) for split in ("train", "valid")}
+    datasets = datasets or {split: files.dataset(split) for split in ("train", "valid")}
     run_in_trial(TorchTrainer, _trial_loop, {**config, _SPEC_KEY: spec}, workers, datasets=datasets)
 
 

@@ -113,16 +113,17 @@ def _trial_loop(config: dict[str, Any]) -> None:
 
 
 def train_xgboost_distributed(config: dict[str, Any], files: SplitFiles, workers: Workers,
-                              task: dict[str, Any] | None = None) -> None:
+                              task: dict[str, Any] | None = None, datasets: dict[str, Any] | None = None) -> None:
     """Ray Tune function trainable: one XGBoost Train run on ``workers`` per trial (see module doc).
 
     ``files`` and ``workers`` come through ``tune.with_parameters`` (small: paths, the manifest, the
-    shape); ``task`` as in ``train_xgboost``.
+    shape); ``task`` as in ``train_xgboost``; ``datasets``: the train and valid splits the driver read
+    once for all trials (``distributed.read_once``), else each trial reads them.
     """
     from ray.train.xgboost import XGBoostTrainer
 
     spec = {"files": files, "task": task, "nthread": max(1, int(workers.cpu))}
-    datasets = {split: files.dataset(split) for split in ("train", "valid")}
+    datasets = datasets or {split: files.dataset(split) for split in ("train", "valid")}
     run_in_trial(XGBoostTrainer, _trial_loop, {**config, _SPEC_KEY: spec}, workers, datasets=datasets)
 
 

@@ -125,9 +125,11 @@ class FashionMnist(Workload):
 
     def tune_data(self, cfg: FashionPipeline, version: DataVersion, splits: Mapping[str, Any]) -> dict[str, Any]:
         if cfg.tune.resources.data_parallel:  # the workers read their shards; the driver loads nothing
+            from tuning_core.trainables.distributed import read_once
             from tuning_core.trainables.torch_distributed import workers_of
 
-            return {"files": _image_files(version, splits), "workers": workers_of(cfg.tune.resources)}
+            files = _image_files(version, splits)
+            return {"files": files, "workers": workers_of(cfg.tune.resources), "datasets": read_once(files)}
         return super().tune_data(cfg, version, splits)
 
     # ---------------------------------------------------------------- retrain, evaluate, register

@@ -116,9 +116,11 @@ class Flights(Workload):
 
     def tune_data(self, cfg: FlightsPipeline, version: DataVersion, splits: Mapping[str, Any]) -> dict[str, Any]:
         if cfg.tune.resources.data_parallel:
+            from tuning_core.trainables.distributed import read_once
             from tuning_core.trainables.xgboost_distributed import workers_of
 
-            return {"files": split_files(version, splits, typed_rows), "workers": workers_of(cfg.tune.resources)}
+            files = split_files(version, splits, typed_rows)
+            return {"files": files, "workers": workers_of(cfg.tune.resources), "datasets": read_once(files)}
         return super().tune_data(cfg, version, splits)
 
     # ---------------------------------------------------------------- retrain, evaluate, register

@@ -227,10 +227,12 @@ class Tabular(Workload):
 
     def tune_data(self, cfg: TabularPipeline, version: DataVersion, splits: dict[str, Any]) -> dict[str, Any]:
         if cfg.tune.resources.data_parallel:
+            from tuning_core.trainables.distributed import read_once
             from tuning_core.trainables.xgboost_distributed import workers_of
             from tuning_core.workloads.flights import split_files
 
-            return {"files": split_files(version, splits, typed_rows), "workers": workers_of(cfg.tune.resources),
+            files = split_files(version, splits, typed_rows)
+            return {"files": files, "workers": workers_of(cfg.tune.resources), "datasets": read_once(files),
                     "task": self.booster_task(version.manifest)}
         return {**super().tune_data(cfg, version, splits), "label": version.manifest["label"],
                 "task": self.booster_task(version.manifest)}
