@@ -255,6 +255,7 @@ def run_tuning(
     resources: Any = {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
     if cfg.resources.data_parallel:
         cfg, resources = _data_parallel(cfg)
+    _warn_hyperband_capped(cfg)
     plan = plan_search(cfg, space)
     report_at, every = report_cadence(cfg)
     param_space = {**plan.param_space, "_max_iterations": cfg.max_iterations, "_checkpoint_every": every,
@@ -327,6 +328,18 @@ def _checkpoints_to_keep(cfg: TuneConfig) -> int | None:
     points = DECISION_POINTS[cfg.scheduler](cfg) or frozenset()
     writes = {i for i in range(every, cfg.max_iterations + 1, every)} | set(points) | {cfg.max_iterations}
     return max(2, min(8, len(writes)))
+
+
+def _warn_hyperband_capped(cfg: TuneConfig) -> None:
+    """HyperBand halves a bracket among the trials in it when its first trials reach a milestone. With
+    a cap on trials at a time (model-based searchers: 2 by default; data-parallel trials: what the
+    workers fit), later trials join a bracket whose milestone has passed, and few are ever stopped
+    (seen here: 4 trials, cap 2, none stopped; without a cap the poor one stopped at round 1)."""
+    cap = cfg.max_concurrent_trials or (2 if cfg.search not in ("random", "grid") else None)
+    if cfg.scheduler == "hyperband" and cap and cap < cfg.num_samples:
+        log.warning("scheduler hyperband with at most %d trials at a time: trials that start later join a "
+                    "bracket whose first milestone has passed, so few are stopped early; asha has no such limit",
+                    cap)
 
 
 def _data_parallel(cfg: TuneConfig) -> tuple[TuneConfig, Any]:

@@ -89,6 +89,37 @@ def test_asha_stops_the_worse_trial_and_every_worker_reads_only_its_shard(ray_lo
     assert xgb.Booster(model_file=str(ckpt / MODEL_FILE)).num_boosted_rounds() == 20
 
 
+# Two configurations whose logloss differs from the first round on, whatever the data: eta 0.5 moves the
+# prediction away from the base score ten times faster than eta 0.05.
+GOOD, POOR = {"max_depth": 4, "eta": 0.5}, {"max_depth": 2, "eta": 0.05}
+
+
+def test_median_stopping_stops_a_data_parallel_trial_below_the_median(ray_local, version, tmp_path):
+    """Median stopping (grace 2, 2 samples needed), one trial at a time (2 workers x 1 CPU): the two good
+    trials finish first; the poor third is stopped at the grace period, its logloss above their median."""
+    cfg = dp_cfg(scheduler="median", num_samples=3, max_iterations=4, metric="logloss", mode="min",
+                 scheduler_options={"grace_period": 2}, points_to_evaluate=[GOOD, {**GOOD, "max_depth": 3}, POOR])
+    trainable, data = tune_inputs(version, cfg)
+    result = run_tuning(trainable, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "dp-median")
+    iterations = sorted((round(t.config["eta"], 2), t.iterations) for t in result.trials)
+    assert iterations == [(0.05, 2), (0.5, 4), (0.5, 4)], iterations
+    for t in result.trials:
+        assert [h["training_iteration"] for h in t.history] == list(range(1, t.iterations + 1))
+
+
+def test_hyperband_runs_data_parallel_trials_to_a_result(ray_local, version, tmp_path, caplog):
+    """As with one worker (test_runner): HyperBand runs them to a result with every round in each history.
+    It halves nothing here: trials capped at one at a time never share a bracket's milestone (warned)."""
+    cfg = dp_cfg(scheduler="hyperband", search="hyperopt", num_samples=2, max_iterations=4)
+    trainable, data = tune_inputs(version, cfg)
+    with caplog.at_level("WARNING", logger="tuning_core.runner"):
+        result = run_tuning(trainable, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "dp-hyperband")
+    assert "scheduler hyperband with at most 1 trials at a time" in caplog.text
+    assert result.num_trials == 2 and max(t.iterations for t in result.trials) == 4
+    for t in result.trials:
+        assert [h["training_iteration"] for h in t.history] == list(range(1, t.iterations + 1))
+
+
 def test_pbt_exploits_and_workers_continue_from_the_cloned_checkpoint(ray_local, version, tmp_path):
     import xgboost as xgb
 
