@@ -331,15 +331,14 @@ def _checkpoints_to_keep(cfg: TuneConfig) -> int | None:
 
 
 def _warn_hyperband_capped(cfg: TuneConfig) -> None:
-    """HyperBand halves a bracket among the trials in it when its first trials reach a milestone. With
-    a cap on trials at a time (model-based searchers: 2 by default; data-parallel trials: what the
-    workers fit), later trials join a bracket whose milestone has passed, and few are ever stopped
-    (seen here: 4 trials, cap 2, none stopped; without a cap the poor one stopped at round 1)."""
-    cap = cfg.max_concurrent_trials or (2 if cfg.search not in ("random", "grid") else None)
+    """HyperBand halves a bracket among the trials in it, and needs them proposed together (see
+    ``search._max_concurrent``). A cap on trials at a time (``max_concurrent_trials``, or what the
+    workers of data-parallel trials fit) lets them out a few at a time: they refill the first bracket,
+    which never halves, and few are ever stopped early."""
+    cap = cfg.max_concurrent_trials
     if cfg.scheduler == "hyperband" and cap and cap < cfg.num_samples:
-        log.warning("scheduler hyperband with at most %d trials at a time: trials that start later join a "
-                    "bracket whose first milestone has passed, so few are stopped early; asha has no such limit",
-                    cap)
+        log.warning("scheduler hyperband with at most %d trials at a time: the trials arrive a few at a time and "
+                    "refill HyperBand's first bracket, which stops nothing early; asha has no such limit", cap)
 
 
 def _data_parallel(cfg: TuneConfig) -> tuple[TuneConfig, Any]:

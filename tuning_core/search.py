@@ -26,7 +26,19 @@ def _points(cfg: TuneConfig, space: dict[str, Any]) -> list[dict[str, Any]] | No
 
 
 def _max_concurrent(cfg: TuneConfig) -> int:
-    return cfg.max_concurrent_trials or 2
+    """Proposals a model-based searcher has out at once: ``max_concurrent_trials`` if set, else 2 (TPE
+    learns from finished trials), but under HyperBand the whole budget.
+
+    HyperBand fills its brackets in the order trials arrive and halves a bracket among the trials in it;
+    a bracket counts as filled only while its trials are alive. Trials let out two at a time refill the
+    first bracket, which never halves, as its trials finish: nothing is stopped early (seen: 4 trials,
+    cap 2, none stopped; all 4 proposed at once: the poor one stopped at round 1). Proposed at once, the
+    trials beyond the CPUs wait as PENDING (as under random search) and TPE proposes them before any
+    result: HyperBand's own random configurations, for the first bracket's worth at least.
+    """
+    if cfg.max_concurrent_trials:
+        return cfg.max_concurrent_trials
+    return cfg.num_samples if cfg.scheduler == "hyperband" else 2
 
 
 def _random(cfg: TuneConfig, space: dict[str, Any]) -> Any:

@@ -109,7 +109,8 @@ def test_median_stopping_stops_a_data_parallel_trial_below_the_median(ray_local,
 
 def test_hyperband_runs_data_parallel_trials_to_a_result(ray_local, version, tmp_path, caplog):
     """As with one worker (test_runner): HyperBand runs them to a result with every round in each history.
-    It halves nothing here: trials capped at one at a time never share a bracket's milestone (warned)."""
+    Data-parallel trials stay capped at what the workers fit (one here), which HyperBand cannot halve
+    among (see search._max_concurrent): the run says so."""
     cfg = dp_cfg(scheduler="hyperband", search="hyperopt", num_samples=2, max_iterations=4)
     trainable, data = tune_inputs(version, cfg)
     with caplog.at_level("WARNING", logger="tuning_core.runner"):

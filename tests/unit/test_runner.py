@@ -203,6 +203,20 @@ def test_early_stopping_schedulers_run_to_a_result(ray_local, data, tmp_path, sc
     assert in_space(result.best_config, cfg.space)
 
 
+def test_hyperband_with_a_model_based_searcher_stops_the_poor_trial(ray_local, data, tmp_path):
+    """HyperOpt proposes HyperBand's trials together (its usual cap of 2 would refill the first bracket,
+    which never halves): max_t 4, eta 4 puts the first two trials in that bracket and the next two in one
+    that halves at round 1, where the poor configuration stops."""
+    good, poor = {"max_depth": 4, "eta": 0.5}, {"max_depth": 2, "eta": 0.05}
+    cfg = tune_cfg(search="hyperopt", scheduler="hyperband", num_samples=4, max_iterations=4, checkpoint_every=1,
+                   max_concurrent_trials=None, metric="logloss", mode="min",
+                   space={k: RANGE_SPACE[k] for k in ("max_depth", "eta", "tree_method")},
+                   scheduler_options={"reduction_factor": 4}, points_to_evaluate=[good, good, good, poor])
+    result = run_tuning(train_xgboost, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "hb-hyperopt")
+    iterations = sorted((round(t.config["eta"], 2), t.iterations) for t in result.trials)
+    assert iterations == [(0.05, 1), (0.5, 4), (0.5, 4), (0.5, 4)], iterations
+
+
 def test_pbt_exploits_and_xgboost_continues_from_the_cloned_checkpoint(ray_local, data, tmp_path):
     import xgboost as xgb
 
