@@ -187,7 +187,8 @@ def _load(cfg: Pipeline, ctx: Context, version: DataVersion, split: str) -> Any:
 def _splits(cfg: Pipeline, ctx: Context, version: DataVersion, names: tuple[str, ...] = ("train", "valid", "test"),
             fs: pafs.FileSystem | None = None) -> Splits:
     # Loaded when a workload asks: data-parallel trials and retrains read their shards from ``fs`` instead.
-    return Splits(lambda name: _load(cfg, ctx, version, name), names, fs)
+    return Splits(lambda name: _load(cfg, ctx, version, name), names, fs,
+                  head=lambda name, rows: workload_of(cfg).load_head(ctx.storage.fs, version, name, rows))
 
 
 def _ray_fs(ctx: Context) -> pafs.FileSystem:

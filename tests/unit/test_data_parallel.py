@@ -304,10 +304,30 @@ def test_tabular_multiclass_with_a_category_tunes_and_retrains_on_two_workers(ra
         assert name == "test", f"the driver loaded split {name}"  # train/valid stay with the workers
         return tabular.load_split(LOCAL, version, name)
 
-    splits = Splits(load, ("train", "valid", "test"), LOCAL)
+    splits = Splits(load, ("train", "valid", "test"), LOCAL,
+                    head=lambda name, rows: tabular.load_head(LOCAL, version, name, rows))
     data = tabular.tune_data(cfg, version, splits)
     result = run_tuning(tabular.trainable(cfg), data, cfg.tune.space, cfg.tune, LOCAL, str(tmp_path / "ray"), "dp-tab")
     (trial,) = result.trials
     assert trial.iterations == 6 and "mlogloss" in trial.metrics and "merror" in trial.metrics
     final = tabular.retrain(cfg, version, result, splits, None)
     assert final.rounds >= 1 and final.test_metrics["accuracy"] > 0.8
+    # The model record (schema, input example, lineage) takes the first rows of train and valid, typed as
+    # load_split types them, still without the driver loading those splits.
+    (tmp_path / "model").mkdir()
+    spec = tabular.model_spec(cfg, version, result, final, splits, tmp_path / "model")
+    assert spec.train is not None and len(spec.train.frame) == version.rows["train"] + version.rows["valid"]
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(tabular.load_head(LOCAL, version, "train", 7),
+                                  tabular.load_split(LOCAL, version, "train").head(7))
+
+
+def test_the_head_of_a_flights_split_is_typed_as_the_split(version):
+    import pandas as pd
+
+    from tuning_core.workloads.flights import WORKLOAD
+
+    head = WORKLOAD.load_head(LOCAL, version, "valid", 100)
+    pd.testing.assert_frame_equal(head, WORKLOAD.load_split(LOCAL, version, "valid").head(100))
+    assert len(WORKLOAD.load_head(LOCAL, version, "test", 10 ** 9)) == version.rows["test"]

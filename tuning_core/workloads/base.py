@@ -129,9 +129,19 @@ class Splits(Mapping[str, Any]):
     version's folder as Ray may hold it (without keys on S3; None where no Ray stage needs it).
     """
 
-    def __init__(self, load: Callable[[str], Any], names: tuple[str, ...], fs: Any = None) -> None:
-        self._load, self._names, self.fs = load, tuple(names), fs
+    def __init__(self, load: Callable[[str], Any], names: tuple[str, ...], fs: Any = None,
+                 head: Callable[[str, int], Any] | None = None) -> None:
+        self._load, self._names, self.fs, self._head = load, tuple(names), fs, head
         self._loaded: dict[str, Any] = {}
+
+    def head(self, name: str, rows: int) -> Any:
+        """The first ``rows`` rows of split ``name``, without loading the rest where the loader can
+        (``Workload.load_head``); cut from the split if it is loaded already."""
+        if name in self._loaded or self._head is None:
+            return self[name][:rows]
+        if name not in self._names:
+            raise KeyError(name)
+        return self._head(name, rows)
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._names:
@@ -212,6 +222,12 @@ class Workload(ABC):
     @abstractmethod
     def load_split(self, fs: pafs.FileSystem, version: DataVersion, split: str) -> Any:
         """One split ("train", "valid", "test") of a prepared version, as the trainable takes it."""
+
+    def load_head(self, fs: pafs.FileSystem, version: DataVersion, split: str, rows: int) -> Any:
+        """The first ``rows`` rows of a split, typed as ``load_split`` types them: what a data-parallel
+        run's driver reads where it needs a sample (the model's schema, input example, lineage record)
+        while the split itself stays with the workers. Default: the whole split, cut."""
+        return self.load_split(fs, version, split)[:rows]
 
     def describe_version(self, version: DataVersion) -> dict[str, Any]:
         """Extra facts ``tunepipe prepare`` prints about a version."""

@@ -99,6 +99,9 @@ class Flights(Workload):
 
         return flights.load_split(fs, version.path, split)
 
+    def load_head(self, fs: pafs.FileSystem, version: DataVersion, split: str, rows: int) -> pd.DataFrame:
+        return parquet_head(fs, version, split, rows, typed_rows)
+
     def describe_version(self, version: DataVersion) -> dict[str, Any]:
         bad = version.manifest.get("bad_rows") or {}
         return {"header": version.manifest.get("header"),
@@ -143,11 +146,10 @@ class Flights(Workload):
 
     def model_spec(self, cfg: FlightsPipeline, version: DataVersion, tuning: TuningResult, final: FinalModel,
                    splits: dict[str, Any], folder: Path) -> ModelSpec:
-        import pandas as pd
 
         from tuning_core.trainables.xgboost import LABEL
 
-        full = pd.concat([splits["train"], splits["valid"]], ignore_index=True)
+        full = lineage_frame(cfg, splits)
         return booster_spec(
             final.model, full.drop(columns=[LABEL]), folder,
             params={**tuning.best_config, "rounds": final.rounds, "source": final.source},
@@ -185,6 +187,44 @@ def typed_rows(rows: pd.DataFrame, manifest: dict[str, Any]) -> pd.DataFrame:
     out = to_features(rows, manifest)
     out[LABEL] = rows[LABEL].astype("int8").to_numpy()
     return out
+
+
+# Rows of train and of valid that stand for them in a data-parallel run's model record (schema, input
+# example, MLflow dataset): the driver of such a run never holds the whole table.
+LINEAGE_ROWS = 10_000
+
+
+def parquet_head(fs: pafs.FileSystem, version: DataVersion, split: str, rows: int,
+                 typed: Callable[[pd.DataFrame, dict[str, Any]], pd.DataFrame]) -> pd.DataFrame:
+    """The first ``rows`` rows of ``version``'s split, read batch by batch from its parquet file (not the
+    whole file) and typed by the workload's ``typed`` (as its data-parallel workers type their shards)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = f"{version.path.removeprefix('s3://').rstrip('/')}/{split}.parquet"
+    with fs.open_input_file(path) as f:
+        parquet = pq.ParquetFile(f)
+        batches, got = [], 0
+        for batch in parquet.iter_batches(batch_size=min(rows, 65_536)):
+            batches.append(batch)
+            got += batch.num_rows
+            if got >= rows:
+                break
+        table = pa.Table.from_batches(batches, schema=parquet.schema_arrow) if batches else \
+            parquet.schema_arrow.empty_table()
+    return typed(table.slice(0, rows).to_pandas(), version.manifest)
+
+
+def lineage_frame(cfg: Any, splits: Mapping[str, Any]) -> pd.DataFrame:
+    """Train and valid together for the model record: whole, or for data-parallel runs the first
+    ``LINEAGE_ROWS`` of each (``Splits.head``: the driver does not load the splits for it)."""
+    import pandas as pd
+
+    if cfg.tune.resources.data_parallel and hasattr(splits, "head"):
+        parts = [splits.head(name, LINEAGE_ROWS) for name in ("train", "valid")]
+    else:
+        parts = [splits["train"], splits["valid"]]
+    return pd.concat(parts, ignore_index=True)
 
 
 def split_files(version: DataVersion, splits: Mapping[str, Any], typed: Callable[..., Any]) -> Any:

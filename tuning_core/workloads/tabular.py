@@ -201,6 +201,11 @@ class Tabular(Workload):
 
         return tabular.load_split(fs, version, split)
 
+    def load_head(self, fs: pafs.FileSystem, version: DataVersion, split: str, rows: int) -> pd.DataFrame:
+        from tuning_core.workloads.flights import parquet_head
+
+        return parquet_head(fs, version, split, rows, typed_rows)
+
     def describe_version(self, version: DataVersion) -> dict[str, Any]:
         m = version.manifest
         return {"task": m["task"], "label": m["label"], "classes": m["classes"], "features": m["features"],
@@ -290,14 +295,14 @@ class Tabular(Workload):
                    splits: dict[str, Any], folder: Path) -> ModelSpec:
         import json
 
-        import pandas as pd
+        from tuning_core.workloads.flights import lineage_frame
 
         m = version.manifest
         label = m["label"]
         final.model.save_model(str(folder / "model.ubj"))
         schema = {key: m[key] for key in ("label", "task", "classes", "features", "categories")}
         (folder / "schema.json").write_text(json.dumps(schema))
-        full = pd.concat([splits["train"], splits["valid"]], ignore_index=True)
+        full = lineage_frame(cfg, splits)
         return ModelSpec(
             code="tabular.py",
             artifacts={"booster": str(folder / "model.ubj"), "schema": str(folder / "schema.json")},
