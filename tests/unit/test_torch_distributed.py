@@ -108,6 +108,39 @@ def test_asha_stops_the_hopeless_trial_and_every_worker_reads_only_its_shard(ray
     assert metrics["logloss"] == pytest.approx(last["loss"], rel=1e-4)
 
 
+def test_pbt_exploit_continues_the_clones_model_on_a_new_train_run(ray_local, version, tmp_path):
+    """PBT (synchronous, every 2 epochs) over a good and a hopeless learning rate, 2 workers x 0.5 CPU
+    each so both trials run side by side: the hopeless trial exploits the good one, and its new Train
+    run's workers continue from the clone's epoch-2 model (``restored_from``) instead of epoch 0."""
+    from ray.tune import Callback
+
+    seen: list[tuple[str, int, str, int]] = []
+    ids: dict[str, str] = {}  # PBT's log names trials by their original tag
+
+    class Seen(Callback):  # the driver's view: a restarted trial's result.json may lose rows (Ray's logger)
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            ids.setdefault(trial.experiment_tag, trial.trial_id)
+            seen.append((trial.trial_id, int(result["training_iteration"]), str(result["restored_from"]),
+                         int(result["restored_epoch"])))
+
+    cfg = dp_cfg(scheduler="pbt", num_samples=2, max_iterations=4, checkpoint_every=2,
+                 resources={"workers_per_trial": 2, "cpu_per_worker": 0.5},
+                 points_to_evaluate=[{"lr": 0.05}, {"lr": 1e-5}],
+                 scheduler_options={"perturbation_interval": 2, "quantile_fraction": 0.5, "synch": True})
+    trainable, data = tune_inputs(version, cfg)
+    result = run_tuning(trainable, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "dp-pbt", callbacks=[Seen()])
+    exploits = [json.loads(line) for line in (Path(result.experiment_uri) / "pbt_global.txt").read_text().splitlines()]
+    assert exploits, seen
+    for t in result.trials:
+        assert t.status == "TERMINATED" and t.iterations == 4
+        # Epochs report where PBT decides (every 2), as with one worker.
+        assert [h["training_iteration"] for h in t.history] == [2, 4]
+    # Each exploit line is [target, clone, target_iter, clone_iter, old_config, new_config].
+    target, clone = ids[exploits[0][0]], ids[exploits[0][1]]
+    resumed = [(it, src, ep) for tid, it, src, ep in seen if tid == target and it > 2]
+    assert resumed and all(src == clone and ep == 2 for _, src, ep in resumed), (exploits[0][:4], seen)
+
+
 def test_a_trial_whose_worker_is_killed_resumes_from_its_checkpoint(ray_local, version, tmp_path):
     """SIGKILL one Train worker right after the trial's first checkpoint: Tune retries the trial, whose
     new Train run resumes after epoch 1 instead of starting again."""
