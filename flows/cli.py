@@ -453,5 +453,7 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m flows.cli` ends like the `tunepipe` script (flows/console.py)
+    from flows.console import main as console_main
+
+    console_main()

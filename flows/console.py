@@ -14,6 +14,7 @@ keeps it, e.g. to run leak checkers).
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import os
 import sys
 
@@ -31,6 +32,9 @@ def _exit_now() -> None:
 
 
 def main() -> None:
+    # A native crash (a C extension, a thread torn down at exit) prints every thread's Python stack
+    # instead of dying silently with -11: seen once at the very end of a finished run.
+    faulthandler.enable()
     if os.environ.get("TUNEPIPE_FULL_EXIT") != "1":
         atexit.register(_exit_now)
     from infra import prefect_api

@@ -23,7 +23,8 @@ def _cli(storage: Path, log: Path, model: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "TUNEPIPE_STORAGE")}
     env.update(TUNEPIPE_STORAGE=str(storage), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    argv = [sys.executable, "-c", "from flows.cli import main; main()", "run", "flights", "--data", str(ASA_SAMPLE),
+    # The console script's entry (what `tunepipe` runs): it ends with os._exit once every exit handler ran.
+    argv = [sys.executable, "-c", "from flows.console import main; main()", "run", "flights", "--data", str(ASA_SAMPLE),
             "--num-samples", "2", "--max-iterations", "20", "--seed", "3", "--model-name", model]
     with open(log, "ab") as out:
         return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
