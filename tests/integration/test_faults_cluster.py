@@ -31,7 +31,7 @@ import pytest
 from tests.integration.test_concurrent_runs import Run, mlflow_trial_runs, wait_for
 from tests.integration.test_concurrent_runs import shared as shared  # the fixture
 from tests.integration.test_faults_tuning import _iterations, _trial_states
-from tests.integration.test_multinode import _free_port, _leftovers, _stop, _wait_started
+from tests.integration.test_multinode import _free_port, _leftovers, _still_running, _stop, _wait_started
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -64,7 +64,7 @@ def ray_cluster(workers: int) -> Iterator[tuple[dict[str, str], list[subprocess.
         yield {"RAY_ADDRESS": f"127.0.0.1:{port}", **auth}, nodes
     finally:
         _stop(list(reversed(nodes)))
-        left = _leftovers(base)
+        left = _still_running(_leftovers(base))
         for proc in left:
             proc.kill()
         shutil.rmtree(base, ignore_errors=True)

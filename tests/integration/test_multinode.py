@@ -116,6 +116,20 @@ def _leftovers(base: Path) -> list:
     return found
 
 
+def _still_running(procs: list, grace_s: float = 15) -> list:
+    """Those of ``procs`` still running after ``grace_s``: a Ray worker may be in the middle of exiting
+    when the nodes' stop returns (seen: one was a zombie by the time the failure was printed)."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    running = []
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                running.append(proc)
+    return running
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
     # Ray's unix sockets live under --temp-dir and must stay under 107 characters: a short folder.
@@ -147,7 +161,7 @@ def two_nodes():
         yield Cluster(address=address, env={"RAY_ADDRESS": address, **auth}, logs=base)
     finally:
         _stop(procs)
-        left = _leftovers(base)
+        left = _still_running(_leftovers(base))
         for proc in left:
             proc.kill()
         shutil.rmtree(base, ignore_errors=True)
