@@ -331,3 +331,19 @@ def test_the_head_of_a_flights_split_is_typed_as_the_split(version):
     head = WORKLOAD.load_head(LOCAL, version, "valid", 100)
     pd.testing.assert_frame_equal(head, WORKLOAD.load_split(LOCAL, version, "valid").head(100))
     assert len(WORKLOAD.load_head(LOCAL, version, "test", 10 ** 9)) == version.rows["test"]
+
+
+def test_splits_head_uses_the_head_loader_until_the_split_is_loaded_and_cuts_image_tuples():
+    import numpy as np
+
+    from tuning_core.workloads.base import Splits
+
+    heads: list[tuple[str, int]] = []
+    splits = Splits(lambda name: (np.arange(10), np.arange(10) * 2), ("train",),
+                    head=lambda name, rows: heads.append((name, rows)) or "from the head loader")
+    assert splits.head("train", 3) == "from the head loader" and heads == [("train", 3)]
+    splits["train"]  # loaded now: cut from it, both arrays of the (images, labels) pair
+    images, labels = splits.head("train", 3)
+    assert list(images) == [0, 1, 2] and list(labels) == [0, 2, 4] and heads == [("train", 3)]
+    with pytest.raises(KeyError):
+        splits.head("valid", 3)

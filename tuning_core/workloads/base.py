@@ -121,6 +121,13 @@ class ModelSpec:
     test: DatasetSample | None = None
 
 
+def first_rows(split: Any, rows: int) -> Any:
+    """The first ``rows`` rows of a loaded split: a frame or array, or a tuple of them (images, labels)."""
+    if isinstance(split, tuple):
+        return tuple(part[:rows] for part in split)
+    return split[:rows]
+
+
 class Splits(Mapping[str, Any]):
     """A data version's splits by name, each loaded on first use (``load(name)``) and kept.
 
@@ -138,7 +145,7 @@ class Splits(Mapping[str, Any]):
         """The first ``rows`` rows of split ``name``, without loading the rest where the loader can
         (``Workload.load_head``); cut from the split if it is loaded already."""
         if name in self._loaded or self._head is None:
-            return self[name][:rows]
+            return first_rows(self[name], rows)
         if name not in self._names:
             raise KeyError(name)
         return self._head(name, rows)
@@ -227,7 +234,7 @@ class Workload(ABC):
         """The first ``rows`` rows of a split, typed as ``load_split`` types them: what a data-parallel
         run's driver reads where it needs a sample (the model's schema, input example, lineage record)
         while the split itself stays with the workers. Default: the whole split, cut."""
-        return self.load_split(fs, version, split)[:rows]
+        return first_rows(self.load_split(fs, version, split), rows)
 
     def describe_version(self, version: DataVersion) -> dict[str, Any]:
         """Extra facts ``tunepipe prepare`` prints about a version."""
