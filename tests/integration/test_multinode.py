@@ -94,13 +94,11 @@ def _wait_started(proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
 def _stop(procs: list[subprocess.Popen]) -> None:
     """Stop each node: SIGTERM to its `ray start --block` leader alone (it drains the node and stops
     GCS, raylet and workers in order; signalling the whole group at once kills GCS first and the
-    leader then waits ~30 s for it), then SIGKILL for whatever is left in its process group. A leader
-    still busy after 10 s (one took the full 30 s in CI after a data-parallel run) is not waited for:
-    its group is killed, and ``_leftovers`` then says if anything of it lived on."""
+    leader then waits ~30 s for it), then SIGKILL for whatever is left in its process group."""
     for proc in procs:  # the worker node first
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
+            proc.wait(timeout=30)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
