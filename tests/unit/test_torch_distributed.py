@@ -118,8 +118,12 @@ def test_pbt_exploit_continues_the_clones_model_on_a_new_train_run(ray_local, ve
     ids: dict[str, str] = {}  # PBT's log names trials by their original tag
 
     class Seen(Callback):  # the driver's view: a restarted trial's result.json may lose rows (Ray's logger)
+        def on_trial_start(self, iteration, trials, trial, **info):
+            # The original tag: PBT appends "@perturbed[...]" to an exploiting trial's, before callbacks
+            # see that trial's result (the run in CI met it that way).
+            ids.setdefault(trial.experiment_tag.split("@")[0], trial.trial_id)
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            ids.setdefault(trial.experiment_tag, trial.trial_id)
             seen.append((trial.trial_id, int(result["training_iteration"]), str(result["restored_from"]),
                          int(result["restored_epoch"])))
 
