@@ -61,3 +61,35 @@ def failing(trainable: Callable[..., None], marker: str | Path, times: int = 1,
     # cloudpickle would then ship the real trainable by reference instead of this wrapper.
     run.__name__ = trainable.__name__
     return run
+
+
+def train_worker_killer(at_iteration: int) -> tuple[Any, list[int]]:
+    """A Tune callback that SIGKILLs one Ray Train worker, once, when a trial reports ``at_iteration``,
+    and the list it appends the killed pid to.
+
+    The workers wait in their report until Tune has the result, so the kill lands mid-run. Only this
+    process's children are searched (its own Ray): other Ray clusters may run on the machine.
+    """
+    import os
+    import signal
+
+    import psutil
+    from ray.tune import Callback
+
+    killed: list[int] = []
+
+    class KillATrainWorker(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if killed or result.get("training_iteration") != at_iteration:
+                return
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    cmdline = proc.cmdline()
+                except psutil.Error:
+                    continue
+                if any("RayTrainWorker" in part for part in cmdline):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(proc.pid)
+                    return
+
+    return KillATrainWorker(), killed

@@ -228,35 +228,16 @@ def test_trial_failing_mid_run_resumes_its_train_run_from_the_checkpoint(ray_loc
 def test_a_trial_whose_worker_is_sigkilled_resumes_its_train_run_from_the_checkpoint(ray_local, version, tmp_path):
     """SIGKILL one XGBoost Train worker right after the trial's first checkpoint (round 4): Tune restores
     the trial, whose new Train run continues from that booster instead of boosting from round 1."""
-    import os
-    import signal
-
-    import psutil
     import xgboost as xgb
-    from ray.tune import Callback
 
-    killed: list[int] = []
+    from tests.faults import train_worker_killer
 
-    class KillAWorker(Callback):
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if killed or result.get("training_iteration") != 4:
-                return
-            # The workers wait in their report until Tune has this result, so the kill lands mid-run. Only
-            # this session's Ray (started by this process) is searched: other Rays may run on the machine.
-            for proc in psutil.Process().children(recursive=True):
-                try:
-                    if any("RayTrainWorker" in part for part in proc.cmdline()):
-                        os.kill(proc.pid, signal.SIGKILL)
-                        killed.append(proc.pid)
-                        return
-                except psutil.Error:
-                    continue
-
+    killer, killed = train_worker_killer(at_iteration=4)
     cfg = dp_cfg(max_iterations=12, checkpoint_every=4, max_failures=1, stop_metric_threshold=1.0)
     trainable, data = tune_inputs(version, cfg)
     recorder, iterations = seen_iterations()
     result = run_tuning(trainable, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "dp-sigkill",
-                        callbacks=[KillAWorker(), recorder])
+                        callbacks=[killer, recorder])
     assert killed, "no Ray Train worker process was found to kill"
     (trial,) = result.trials
     assert trial.status == "TERMINATED" and trial.iterations == 12

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -148,31 +147,14 @@ def test_pbt_exploit_continues_the_clones_model_on_a_new_train_run(ray_local, ve
 def test_a_trial_whose_worker_is_killed_resumes_from_its_checkpoint(ray_local, version, tmp_path):
     """SIGKILL one Train worker right after the trial's first checkpoint: Tune retries the trial, whose
     new Train run resumes after epoch 1 instead of starting again."""
-    import psutil
-    from ray.tune import Callback
+    from tests.faults import train_worker_killer
 
-    killed: list[int] = []
-
-    class KillAWorker(Callback):
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if killed or result.get("training_iteration") != 1:
-                return
-            # The workers wait in their report until Tune has this result: the kill lands mid-run. Only
-            # this session's Ray (started by this process) is searched: other Ray clusters may be running.
-            for proc in psutil.Process().children(recursive=True):
-                try:
-                    cmdline = proc.cmdline()
-                except psutil.Error:
-                    continue
-                if any("RayTrainWorker" in part for part in cmdline):
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed.append(proc.pid)
-                    return
+    killer, killed = train_worker_killer(at_iteration=1)
 
     cfg = dp_cfg(max_iterations=3, points_to_evaluate=[{"lr": 0.05}])
     trainable, data = tune_inputs(version, cfg)
     result = run_tuning(trainable, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "dp-kill",
-                        callbacks=[KillAWorker()])
+                        callbacks=[killer])
     assert killed, "no Ray Train worker process was found to kill"
     (trial,) = result.trials
     assert trial.iterations == 3
