@@ -147,6 +147,17 @@ def start_in_background(settings: Settings) -> None:
     threading.Thread(target=start, name="tunepipe-ray", daemon=True).start()
 
 
+def wait_until_settled() -> None:
+    """Block until whether Ray runs in this process is settled: a shutdown that a session left running
+    in the background is done, and ``start_in_background``'s Ray is up (or has failed to start; the
+    tune stage's ``ray_session`` still adopts it). Code that looks at ``ray.is_initialized()`` outside a
+    ``ray_session`` waits here first, or it may see a Ray that is going away or start a second one."""
+    wait_for_shutdown()
+    ready = _AHEAD.get("ready")
+    if ready is not None:
+        ready.wait()
+
+
 def _adopt_ray_started_ahead() -> threading.Event | None:
     """Wait for ``start_in_background``; if it started the running Ray, the event that ends its
     thread (set it after ``ray.shutdown``)."""

@@ -143,9 +143,10 @@ def mlflow_s3_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def source_filesystem(source: DataSource, settings: Settings | None = None) -> pafs.FileSystem:
-    """The filesystem that reads a data source (``source.path`` is the path inside it)."""
-    return s3_filesystem(settings or get_settings()) if source.is_s3 else pafs.LocalFileSystem()
+def source_filesystem(source: DataSource, settings: Settings | None = None, with_keys: bool = True) -> pafs.FileSystem:
+    """The filesystem that reads a data source (``source.path`` is the path inside it); ``with_keys``
+    as for ``s3_filesystem``."""
+    return s3_filesystem(settings or get_settings(), with_keys) if source.is_s3 else pafs.LocalFileSystem()
 
 
 def filesystem_for(uri: str, settings: Settings | None = None) -> tuple[pafs.FileSystem, str]:

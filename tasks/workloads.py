@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from infra import models as mlmodels
-from infra.ray_cluster import check_local_resources, ray_session, workers_hold_keys
+from infra.ray_cluster import check_local_resources, ray_session, wait_until_settled, workers_hold_keys
 from infra.settings import Settings
 from infra.storage import Storage, build_storage, filesystem_for, redact, source_filesystem
 from infra.tracking import TAG_STAGE, Tracker
@@ -177,7 +177,34 @@ def check_data(cfg: Pipeline, ctx: Context) -> None:
 # --------------------------------------------------------------------------- prepare
 def prepare(cfg: Pipeline, ctx: Context) -> DataVersion:
     source, source_fs = ctx.source(cfg)
-    return workload_of(cfg).prepare(cfg, source, source_fs, ctx.storage.fs, ctx.storage.root)
+    workload = workload_of(cfg)
+    with _ray_for_prepare(cfg, ctx, workload, source, source_fs) as ray_fs:
+        return workload.prepare(cfg, source, source_fs, ctx.storage.fs, ctx.storage.root, ray_fs=ray_fs)
+
+
+@contextlib.contextmanager
+def _ray_for_prepare(cfg: Pipeline, ctx: Context, workload: Workload, source: DataSource,
+                     source_fs: pafs.FileSystem) -> Iterator[pafs.FileSystem | None]:
+    """Where the workload reads an S3 source with Ray tasks: Ray, connected as the tune stage connects
+    (a cluster joined with the keys in its workers' ``runtime_env``), and the filesystem the tasks get,
+    without keys when the workers hold them. Else nothing (None: the workload reads ``source_fs``).
+
+    A Ray already running (the one started ahead of the tune stage, or the caller's) is used as it
+    is and left running; one this stage connects is let go when the data is read.
+    """
+    if not source.is_s3:
+        yield None
+        return
+    # Before asking: whether Ray is running decides data.engine auto and whether a session is needed.
+    wait_until_settled()
+    if not workload.prepares_on_ray(cfg, source, source_fs):
+        yield None
+        return
+    import ray
+
+    with contextlib.nullcontext() if ray.is_initialized() else ray_session(ctx.settings, ctx.storage):
+        keyless = workers_hold_keys(ctx.settings)
+        yield source_filesystem(source, ctx.settings, with_keys=not keyless)
 
 
 def _load(cfg: Pipeline, ctx: Context, version: DataVersion, split: str) -> Any:

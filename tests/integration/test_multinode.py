@@ -36,30 +36,46 @@ pytestmark = pytest.mark.integration
 
 
 def _drive(out_file: str, source: str, local_store: str) -> None:
-    """Run the tune stage twice on a small flights sample: first with ``local_store`` as the storage
-    root (expected to be refused), then with the root from the environment (S3). One process for
-    both, since the imports and the connection to the cluster are most of the cost."""
+    """Run the data and tune stages twice on a small flights sample on S3, read by Ray tasks on the
+    cluster: first with ``local_store`` as the storage root (expected to be refused), then with the root
+    from the environment (S3). One process for both, since the imports and the connection to the
+    cluster are most of the cost. The nodes hold no S3 keys: the tasks reading the source get them
+    from the driver's ``runtime_env`` (their filesystem carries none)."""
     from infra.settings import get_settings
     from tasks import workloads
     from tuning_core.config import FlightsData, FlightsPipeline, Resources, TuneConfig
     from tuning_core.errors import TunepipeError
 
     cfg = FlightsPipeline(
-        data=FlightsData(source=source, max_rows=3000, split="random"),
+        data=FlightsData(source=source, max_rows=3000, split="random", engine="ray"),
         tune=TuneConfig(num_samples=4, max_iterations=6, checkpoint_every=3, search="random", scheduler="fifo",
                         resources=Resources(cpu=1), seed=5),
     )
-    out = {}
+    # What the driver puts into Ray's object store (the data stage's filesystem, the trials' data): the
+    # S3 secret must be in none of it.
+    import ray
+    from ray import cloudpickle
+
+    secret, put_with_key, real_put = get_settings().aws_secret_access_key.get_secret_value().encode(), [], ray.put
+
+    def recording_put(value, **kw):
+        put_with_key.append(secret in cloudpickle.dumps(value))
+        return real_put(value, **kw)
+
+    ray.put = recording_put
+    out: dict = {}
     for key, settings in (("local", get_settings().model_copy(update={"storage": local_store})),
                           ("s3", get_settings())):
         ctx = workloads.Context.build(settings)
-        version = workloads.prepare(cfg, ctx)
         try:
+            version = workloads.prepare(cfg, ctx)
             result = workloads.tune(cfg, ctx, version)
         except TunepipeError as err:
             out[key] = {"error": type(err).__name__, "message": str(err)}
         else:
-            out[key] = {"experiment_uri": result.experiment_uri, "num_trials": result.num_trials,
+            out[key] = {"engine": version.manifest["engine"], "rows": version.rows,
+                        "puts": len(put_with_key), "puts_with_key": sum(put_with_key),
+                        "experiment_uri": result.experiment_uri, "num_trials": result.num_trials,
                         "nodes": [t.node_id for t in result.trials],
                         "iterations": [t.iterations for t in result.trials]}
     Path(out_file).write_text(json.dumps(out))
@@ -180,7 +196,15 @@ def driver_run(two_nodes, seaweed_s3, tmp_path_factory) -> dict:
     env.update(seaweed_s3.env, **two_nodes.env, TUNEPIPE_STORAGE=f"s3://{seaweed_s3.bucket}/{prefix}",
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", RAY_USAGE_STATS_ENABLED="0",
                GIT_PYTHON_REFRESH="quiet")
-    argv = [sys.executable, "-m", "tests.integration.test_multinode", str(out), str(ASA_SAMPLE), str(tmp / "store")]
+    # The source: the ASA sample in two S3 objects (data.engine ray reads them with a task each).
+    from infra.storage import boto3_client
+
+    lines = ASA_SAMPLE.read_text().splitlines(keepends=True)
+    s3 = boto3_client(seaweed_s3.settings())
+    for i, part in enumerate((lines[1:6000], lines[6000:])):
+        s3.put_object(Bucket=seaweed_s3.bucket, Key=f"{prefix}/in/{i}.csv", Body="".join([lines[0], *part]).encode())
+    source = f"s3://{seaweed_s3.bucket}/{prefix}/in"
+    argv = [sys.executable, "-m", "tests.integration.test_multinode", str(out), source, str(tmp / "store")]
     proc = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0 and out.exists(), proc.stdout[-2000:] + proc.stderr[-4000:]
     return {**json.loads(out.read_text()), "prefix": prefix, "store": tmp / "store"}
@@ -200,6 +224,10 @@ def _s3_keys(seaweed_s3, prefix: str) -> list[str]:
 def test_trials_run_on_both_nodes_and_the_experiment_lives_on_s3(driver_run, seaweed_s3):
     out, prefix = driver_run["s3"], driver_run["prefix"]
     assert "error" not in out, out
+    # The data stage read the S3 source with Ray tasks on the cluster, whose nodes hold no keys: the
+    # tasks got them from the driver's runtime_env, and no object put into the object store carries them.
+    assert out["engine"] == "ray" and sum(out["rows"].values()) == 3000, out
+    assert out["puts"] >= 1 and out["puts_with_key"] == 0, out
     assert out["num_trials"] == 4 and out["iterations"] == [6, 6, 6, 6]
     assert all(out["nodes"]), out
     assert len(set(out["nodes"])) == 2, f"trials ran on {set(out['nodes'])}, expected both nodes"

@@ -173,17 +173,25 @@ def test_auto_engine_uses_ray_only_for_several_large_enough_files(tmp_path, ray_
     assert prepare(source, tmp_path / "store").manifest["engine"] == "ray"
 
 
-def test_s3_prefix_with_the_ray_engine_gives_the_local_version(tmp_path, ray_local, s3_settings):
-    from infra.storage import build_storage, filesystem_for
+def upload(source: Path, settings) -> tuple[pafs.FileSystem, str]:
+    """``source``'s files under s3://<the settings' bucket>/in; (filesystem, bucket)."""
+    from infra.storage import filesystem_for
 
-    source = multi_file_source(tmp_path / "in")
-    storage = build_storage(s3_settings)
-    bucket = storage.root.split("/", 1)[0]
-    fs, _ = filesystem_for(f"s3://{bucket}", s3_settings)
+    bucket = settings.storage.removeprefix("s3://").split("/", 1)[0]
+    fs, _ = filesystem_for(f"s3://{bucket}", settings)
     for path in source.rglob("*"):
         if path.is_file():
             with fs.open_output_stream(f"{bucket}/in/{path.relative_to(source)}", compression=None) as out:
                 out.write(path.read_bytes())
+    return fs, bucket
+
+
+def test_s3_prefix_with_the_ray_engine_gives_the_local_version(tmp_path, ray_local, s3_settings):
+    from infra.storage import build_storage
+
+    source = multi_file_source(tmp_path / "in")
+    storage = build_storage(s3_settings)
+    fs, bucket = upload(source, s3_settings)
     local = prepare(source, tmp_path / "store", engine="local")
 
     v = flights.prepare(FlightsData(engine="ray"), fs, f"s3://{bucket}/in", storage.fs, storage.root)
@@ -195,6 +203,48 @@ def test_s3_prefix_with_the_ray_engine_gives_the_local_version(tmp_path, ray_loc
     listing = storage.fs.get_file_info(pafs.FileSelector(v.path))
     assert sorted(Path(i.path).name for i in listing) == ["manifest.json", "test.parquet", "train.parquet",
                                                           "valid.parquet"]
+
+
+@pytest.mark.parametrize("workers_hold_keys", [True, False], ids=["workers-hold-keys", "workers-lack-keys"])
+def test_the_data_stage_hands_ray_tasks_no_key_when_the_workers_hold_them(tmp_path, ray_local, s3_settings,
+                                                                         monkeypatch, workers_hold_keys):
+    """The stage (tasks.workloads.prepare) reads an S3 prefix with the ray engine: the filesystem its
+    tasks get through Ray's object store carries no key when Ray's workers hold the pair (as a Ray
+    tunepipe starts or joins does, by runtime_env), and carries it when they do not. Same data either way."""
+    import ray
+    from ray import cloudpickle
+
+    from infra.settings import Settings, get_settings
+    from tasks import workloads
+    from tests.conftest import RAY_WORKER_KEY_ID, RAY_WORKER_SECRET
+    from tuning_core.config import FlightsPipeline
+
+    if workers_hold_keys:  # the session's Ray workers hold this pair (conftest.ray_local); moto takes any
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", RAY_WORKER_KEY_ID)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", RAY_WORKER_SECRET)
+        get_settings.cache_clear()
+    settings = Settings()
+    secret = settings.aws_secret_access_key.get_secret_value().encode()
+    source = multi_file_source(tmp_path / "in")
+    _, bucket = upload(source, settings)
+    put: list[bytes] = []
+    real_put = ray.put
+
+    def recording_put(value, **kw):
+        put.append(cloudpickle.dumps(value))
+        return real_put(value, **kw)
+
+    monkeypatch.setattr(ray, "put", recording_put)
+    ctx = workloads.Context.build(settings)
+    cfg = FlightsPipeline(data=FlightsData(source=f"s3://{bucket}/in", engine="ray"))
+
+    v = workloads.prepare(cfg, ctx)
+
+    assert v.manifest["engine"] == "ray"
+    assert_same_data(prepare(source, tmp_path / "store", engine="local"), v, LOCAL, ctx.storage.fs)
+    assert put, "the ray engine put nothing into the object store"
+    carried = [p for p in put if secret in p]
+    assert (not carried) if workers_hold_keys else carried
 
 
 # --------------------------------------------------------------------------- memory of the local engine

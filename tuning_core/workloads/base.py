@@ -223,8 +223,16 @@ class Workload(ABC):
 
     @abstractmethod
     def prepare(self, cfg: PipelineConfig, source: DataSource, source_fs: pafs.FileSystem, fs: pafs.FileSystem,
-                root: str) -> DataVersion:
-        """Read, validate, split and store the data as a content-addressed version under ``root``."""
+                root: str, ray_fs: pafs.FileSystem | None = None) -> DataVersion:
+        """Read, validate, split and store the data as a content-addressed version under ``root``.
+
+        ``ray_fs``: what Ray tasks read the source with, where ``prepares_on_ray``: the caller's
+        filesystem without keys when the workers hold them (None: ``source_fs``)."""
+
+    def prepares_on_ray(self, cfg: PipelineConfig, source: DataSource, source_fs: pafs.FileSystem) -> bool:
+        """Whether ``prepare`` reads the source with Ray tasks (then the caller connects Ray first,
+        with the storage keys in the workers' environment). Default: it reads in this process."""
+        return False
 
     @abstractmethod
     def load_split(self, fs: pafs.FileSystem, version: DataVersion, split: str) -> Any:

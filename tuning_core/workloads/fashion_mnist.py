@@ -103,7 +103,7 @@ class FashionMnist(Workload):
         idx.check_source(source_fs, source.path)
 
     def prepare(self, cfg: FashionPipeline, source: DataSource, source_fs: pafs.FileSystem, fs: pafs.FileSystem,
-                root: str) -> DataVersion:
+                root: str, ray_fs: pafs.FileSystem | None = None) -> DataVersion:
         from tuning_core.data import idx
 
         return idx.prepare(cfg.data, source_fs, source.path, fs, root)

@@ -89,10 +89,18 @@ class Flights(Workload):
         flights.check_source(cfg.data, *self._reader_args(source, source_fs))
 
     def prepare(self, cfg: FlightsPipeline, source: DataSource, source_fs: pafs.FileSystem, fs: pafs.FileSystem,
-                root: str) -> DataVersion:
+                root: str, ray_fs: pafs.FileSystem | None = None) -> DataVersion:
         from tuning_core.data import flights
 
-        return flights.prepare(cfg.data, *self._reader_args(source, source_fs), fs, root)
+        return flights.prepare(cfg.data, *self._reader_args(source, source_fs), fs, root, ray_fs=ray_fs)
+
+    def prepares_on_ray(self, cfg: FlightsPipeline, source: DataSource, source_fs: pafs.FileSystem) -> bool:
+        from tuning_core.data.flights.engines import choose_engine
+        from tuning_core.data.flights.sources import resolve_files
+
+        if source.kind == "packaged" or cfg.data.engine == "local":
+            return False
+        return choose_engine(cfg.data.engine, source_fs, resolve_files(source_fs, source.path)) == "ray"
 
     def load_split(self, fs: pafs.FileSystem, version: DataVersion, split: str) -> pd.DataFrame:
         from tuning_core.data import flights

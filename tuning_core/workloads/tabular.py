@@ -191,7 +191,7 @@ class Tabular(Workload):
         self.label_info(cfg, source, source_fs)
 
     def prepare(self, cfg: TabularPipeline, source: DataSource, source_fs: pafs.FileSystem, fs: pafs.FileSystem,
-                root: str) -> DataVersion:
+                root: str, ray_fs: pafs.FileSystem | None = None) -> DataVersion:
         from tuning_core.data import tabular
 
         return tabular.prepare(cfg.data, source, source_fs, fs, root, cfg.data.task)

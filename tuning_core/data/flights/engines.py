@@ -50,10 +50,14 @@ _RAY_MIN_BYTES = 64 << 20
 _IN_FLIGHT_PER_CPU = 2
 
 
-def read_files(fs: pafs.FileSystem, files: list[str], cfg: FlightsData | None) -> tuple[str, Iterator[FileRead]]:
+def read_files(fs: pafs.FileSystem, files: list[str], cfg: FlightsData | None,
+               ray_fs: pafs.FileSystem | None = None) -> tuple[str, Iterator[FileRead]]:
     """(engine, each file's read in file order), by ``cfg.engine``; batch scoring (no cfg) reads locally.
 
     The reads are lazy: a file's error is raised when its turn comes, as the local engine would.
+    ``ray_fs``: the filesystem handed to the Ray tasks (through the object store) in place of ``fs``.
+    The stage passes ``fs`` without its keys when Ray's workers hold them in their environment
+    (tasks.workloads.prepare): then no key is pickled into Ray's object store or spilled to disk.
     """
     engine = choose_engine(cfg.engine if cfg is not None else "local", fs, files)
     if engine == "ray":
@@ -61,7 +65,7 @@ def read_files(fs: pafs.FileSystem, files: list[str], cfg: FlightsData | None) -
         cpus = _cpus_for(fs)
         if cpus:
             logger.info("flights: reading %d file(s) with Ray tasks (%d CPUs)", len(files), cpus)
-            return engine, _read_with_ray(fs, files, cfg, cpus, connected)
+            return engine, _read_with_ray(fs, files, cfg, cpus, connected, ray_fs or fs)
         if connected:
             _disconnect()
         # The recipes' head nodes have no CPUs (infra/cluster), and a driver there cannot hand its local
@@ -152,7 +156,7 @@ def _cpus_for(fs: pafs.FileSystem) -> int:
 
 
 def _read_with_ray(fs: pafs.FileSystem, files: list[str], cfg: FlightsData | None, cpus: int,
-                   connected: bool) -> Iterator[FileRead]:
+                   connected: bool, task_fs: pafs.FileSystem) -> Iterator[FileRead]:
     import ray
 
     pending: deque[Any] = deque()
@@ -166,7 +170,7 @@ def _read_with_ray(fs: pafs.FileSystem, files: list[str], cfg: FlightsData | Non
                 ray.get_runtime_context().get_node_id(), soft=False)
         task = ray.remote(_read_task).options(**options)
         # Put once: every task gets the same object instead of its own pickled copy.
-        fs_ref, cfg_ref = ray.put(fs), ray.put(cfg)
+        fs_ref, cfg_ref = ray.put(task_fs), ray.put(cfg)
         window = max(2, _IN_FLIGHT_PER_CPU * cpus)
         todo = iter(files)
         for file in todo:

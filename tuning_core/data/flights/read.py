@@ -195,16 +195,18 @@ def _header_only(src: str) -> DataError:
     return DataError(f"{src}: no data rows (header only); expected at least one flight per split")
 
 
-def read_source(fs: pafs.FileSystem, path: str, cfg: FlightsData | None) -> ReadResult:
+def read_source(fs: pafs.FileSystem, path: str, cfg: FlightsData | None,
+                ray_fs: pafs.FileSystem | None = None) -> ReadResult:
     """Read every file of a source into one canonical table; all input errors surface here.
 
     The files are read by the engine ``cfg.engine`` chooses (``engines``), each into its canonical rows,
     and combined in the order of ``resolve_files``: the result is the same whichever engine read them.
+    ``ray_fs``: what Ray tasks read ``fs``'s files with (see ``engines.read_files``).
     """
     from tuning_core.data.flights.engines import read_files  # engines imports this module's read_file
 
     files = resolve_files(fs, path)
-    engine, reads = read_files(fs, files, cfg)
+    engine, reads = read_files(fs, files, cfg, ray_fs)
     return combine(fs, path, reads, cfg, engine)
 
 

