@@ -34,7 +34,7 @@ from tuning_core.runner import experiment_name, run_tuning, validate
 from tuning_core.search import edge_configs
 from tuning_core.sources import DataSource
 from tuning_core.workloads import WORKLOADS, workload_of
-from tuning_core.workloads.base import PipelineConfig, Splits, Workload
+from tuning_core.workloads.base import PART_ROWS, PipelineConfig, Splits, Workload
 from tuning_core.workloads.base import plain_features as plain_features  # re-exported: scoring and tests use it
 
 log = logging.getLogger(__name__)
@@ -214,8 +214,10 @@ def _load(cfg: Pipeline, ctx: Context, version: DataVersion, split: str) -> Any:
 def _splits(cfg: Pipeline, ctx: Context, version: DataVersion, names: tuple[str, ...] = ("train", "valid", "test"),
             fs: pafs.FileSystem | None = None) -> Splits:
     # Loaded when a workload asks: data-parallel trials and retrains read their shards from ``fs`` instead.
+    workload = workload_of(cfg)
     return Splits(lambda name: _load(cfg, ctx, version, name), names, fs,
-                  head=lambda name, rows: workload_of(cfg).load_head(ctx.storage.fs, version, name, rows))
+                  head=lambda name, rows: workload.load_head(ctx.storage.fs, version, name, rows),
+                  in_parts=lambda name, rows: workload.load_parts(ctx.storage.fs, version, name, rows))
 
 
 def _ray_fs(ctx: Context) -> pafs.FileSystem:
@@ -370,9 +372,11 @@ def _retrain_result(run: Any, tracker: Tracker) -> RetrainResult:
 
 # --------------------------------------------------------------------------- register
 def score_version(cfg: Pipeline, ctx: Context, version: DataVersion, model_uri: str) -> float:
-    """The registry metric of any registered model on today's test split (champion re-evaluation)."""
+    """The registry metric of any registered model on today's test split (champion re-evaluation), read
+    part by part (``Workload.load_parts``): the driver never holds a large test split whole."""
+    workload = workload_of(cfg)
     with mlmodels.loaded_pyfunc(model_uri) as model:
-        metrics = workload_of(cfg).score(model, version, _load(cfg, ctx, version, "test"))
+        metrics = workload.score(model, version, workload.load_parts(ctx.storage.fs, version, "test", PART_ROWS))
     return float(metrics[cfg.registry.metric])
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ import pandas as pd
 
 from tuning_core.errors import ConfigError
 from tuning_core.evaluate import binary_metrics, confusion, confusion_png, roc_png
-from tuning_core.trainables.xgboost import LABEL, fit_booster, import_xgboost, load_booster, split_xy
+from tuning_core.trainables.xgboost import LABEL, fit_booster, import_xgboost, load_booster
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,26 @@ def scaled_rounds(best_iteration: int, n_train: int, n_valid: int) -> int:
     return max(1, round(best_iteration * (n_train + n_valid) / max(1, n_train)))
 
 
-def predict_xgboost(booster: Any, frame: pd.DataFrame) -> np.ndarray:
+def predict_xgboost(booster: Any, frame: pd.DataFrame, label: str = LABEL) -> np.ndarray:
     xgb = import_xgboost()
-    x = frame.drop(columns=[LABEL], errors="ignore")
+    x = frame.drop(columns=[label], errors="ignore")
     return booster.predict(xgb.DMatrix(x, enable_categorical=True))
 
 
 FitMany = Callable[[list[tuple[dict[str, Any], int]]], list[Any]]
+
+
+def predict_parts(test: pd.DataFrame | Iterable[pd.DataFrame], *boosters: Any,
+                   label: str = LABEL) -> tuple[np.ndarray, ...]:
+    """(labels, each booster's predictions) over the test split, given whole or in parts."""
+    from tuning_core.workloads.base import parts
+
+    labels, predicted = [], [[] for _ in boosters]
+    for part in parts(test):
+        labels.append(part[label].to_numpy())
+        for out, booster in zip(predicted, boosters, strict=True):
+            out.append(predict_xgboost(booster, part, label))
+    return np.concatenate(labels), *(np.concatenate(p) for p in predicted)
 
 
 def fit_in_process(train: pd.DataFrame, valid: pd.DataFrame, nthread: int = 2, label: str = LABEL,
@@ -82,14 +95,15 @@ def fit_in_process(train: pd.DataFrame, valid: pd.DataFrame, nthread: int = 2, l
 
 
 def retrain_xgboost(best_config: dict[str, Any], best_iteration: int, train: pd.DataFrame | None,
-                    valid: pd.DataFrame | None, test: pd.DataFrame, *, retrain: bool = True,
+                    valid: pd.DataFrame | None, test: pd.DataFrame | Iterable[pd.DataFrame], *, retrain: bool = True,
                     checkpoint_dir: Path | None = None, nthread: int = 2, fit_many: FitMany | None = None,
                     rows: tuple[int, int] | None = None) -> FinalModel:
     """Retrain (or take the winning checkpoint), evaluate tuned and default models on the test split.
 
     ``fit_many`` fits the winner and the default on train+valid somewhere else (the data-parallel
     retrain: ``tuning_core.trainables.xgboost_distributed.fit_boosters``); then ``train`` and ``valid``
-    are not needed and ``rows`` gives their row counts (for ``scaled_rounds``).
+    are not needed and ``rows`` gives their row counts (for ``scaled_rounds``). ``test``: the split, or
+    its parts one after another (``Splits.parts``): the models predict part by part.
     """
     started = time.perf_counter()
     if fit_many is None:
@@ -110,16 +124,14 @@ def retrain_xgboost(best_config: dict[str, Any], best_iteration: int, train: pd.
     *tuned_fit, baseline = fit_many(fits)
     booster = tuned_fit[0] if retrain else load_booster(checkpoint_dir)
     rounds = rounds if retrain else booster.num_boosted_rounds()
-    _, y_test = split_xy(test)
-    p_tuned = predict_xgboost(booster, test)
-    p_base = predict_xgboost(baseline, test)
+    y_test, p_tuned, p_base = predict_parts(test, booster, baseline)
     fit_s = time.perf_counter() - started
-    tuned = binary_metrics(y_test.to_numpy(), p_tuned)
-    base = binary_metrics(y_test.to_numpy(), p_base)
-    cm = confusion(y_test.to_numpy(), (p_tuned >= 0.5).astype(int), 2)
+    tuned = binary_metrics(y_test, p_tuned)
+    base = binary_metrics(y_test, p_base)
+    cm = confusion(y_test, (p_tuned >= 0.5).astype(int), 2)
     plots = {
         "confusion_matrix.png": confusion_png(cm, ["on time", "delayed"], "test confusion matrix (tuned)"),
-        "roc_curve.png": roc_png(y_test.to_numpy(), {"tuned": p_tuned, "default": p_base}, "test ROC"),
+        "roc_curve.png": roc_png(y_test, {"tuned": p_tuned, "default": p_base}, "test ROC"),
     }
     log.info("retrained %s rounds=%d test auc=%.4f (default %.4f)", source, rounds, tuned["auc"], base["auc"])
     return FinalModel(model=booster, rounds=rounds, test_metrics=tuned, baseline_test_metrics=base, plots=plots,

@@ -282,22 +282,38 @@ def test_tabular_multiclass_with_a_category_tunes_and_retrains_on_two_workers(ra
     version = tabular.prepare(cfg, source, LOCAL, LOCAL, str(tmp_path / "store"))
 
     def load(name: str) -> Any:
-        assert name == "test", f"the driver loaded split {name}"  # train/valid stay with the workers
-        return tabular.load_split(LOCAL, version, name)
+        pytest.fail(f"the driver loaded split {name}")  # train/valid stay with the workers, test comes in parts
+
+    parts_read: list[int] = []
+
+    def in_parts(name: str, rows: int) -> Any:
+        assert name == "test", name
+        for part in tabular.load_parts(LOCAL, version, name, 7):  # 7 rows a part: the split comes in several
+            parts_read.append(len(part))
+            yield part
 
     splits = Splits(load, ("train", "valid", "test"), LOCAL,
-                    head=lambda name, rows: tabular.load_head(LOCAL, version, name, rows))
+                    head=lambda name, rows: tabular.load_head(LOCAL, version, name, rows), in_parts=in_parts)
     data = tabular.tune_data(cfg, version, splits)
     result = run_tuning(tabular.trainable(cfg), data, cfg.tune.space, cfg.tune, LOCAL, str(tmp_path / "ray"), "dp-tab")
     (trial,) = result.trials
     assert trial.iterations == 6 and "mlogloss" in trial.metrics and "merror" in trial.metrics
     final = tabular.retrain(cfg, version, result, splits, None)
     assert final.rounds >= 1 and final.test_metrics["accuracy"] > 0.8
-    # The model record (schema, input example, lineage) takes the first rows of train and valid, typed as
+    # Evaluated part by part, the metrics are those of the whole test split.
+    assert len(parts_read) > 1 and sum(parts_read) == version.rows["test"]
+    from tuning_core.retrain import predict_parts
+    from tuning_core.workloads.tabular import evaluate
+
+    label = version.manifest["label"]
+    y, whole = predict_parts(tabular.load_split(LOCAL, version, "test"), final.model, label=label)
+    assert final.test_metrics == pytest.approx(evaluate(version.manifest, y, whole))
+    # The model record (schema, input example, lineage) takes the first rows of each split, typed as
     # load_split types them, still without the driver loading those splits.
     (tmp_path / "model").mkdir()
     spec = tabular.model_spec(cfg, version, result, final, splits, tmp_path / "model")
     assert spec.train is not None and len(spec.train.frame) == version.rows["train"] + version.rows["valid"]
+    assert spec.test is not None and len(spec.test.frame) == version.rows["test"]
     import pandas as pd
 
     pd.testing.assert_frame_equal(tabular.load_head(LOCAL, version, "train", 7),
@@ -312,6 +328,10 @@ def test_the_head_of_a_flights_split_is_typed_as_the_split(version):
     head = WORKLOAD.load_head(LOCAL, version, "valid", 100)
     pd.testing.assert_frame_equal(head, WORKLOAD.load_split(LOCAL, version, "valid").head(100))
     assert len(WORKLOAD.load_head(LOCAL, version, "test", 10 ** 9)) == version.rows["test"]
+    # In parts, typed the same: the parts together are the split.
+    parts = list(WORKLOAD.load_parts(LOCAL, version, "test", 128))
+    assert len(parts) == -(-version.rows["test"] // 128) > 1 and max(len(p) for p in parts) == 128
+    pd.testing.assert_frame_equal(pd.concat(parts, ignore_index=True), WORKLOAD.load_split(LOCAL, version, "test"))
 
 
 def test_splits_head_uses_the_head_loader_until_the_split_is_loaded_and_cuts_image_tuples():

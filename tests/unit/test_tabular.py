@@ -119,8 +119,12 @@ def test_multiclass_whole_numbers_with_a_category_column_on_parquet(tmp_path):
     assert list(out.columns) == ["label", "probability_0", "probability_1", "probability_2"]
     assert np.allclose(out.filter(like="probability_").sum(axis=1), 1.0, atol=1e-5)
     assert (out["label"] == raw["target"]).mean() > 0.85
-    metrics = TABULAR.score(SimpleNamespace(predict=lambda rows: model.predict(None, rows)), version, splits["test"])
+    predictor = SimpleNamespace(predict=lambda rows: model.predict(None, rows))
+    metrics = TABULAR.score(predictor, version, splits["test"])
     assert metrics["logloss"] == pytest.approx(final.test_metrics["logloss"], rel=1e-4)
+    # The champion's re-evaluation reads the test split in parts (load_parts): the same metrics.
+    in_parts = TABULAR.load_parts(LOCAL, version, "test", 5)
+    assert TABULAR.score(predictor, version, in_parts) == pytest.approx(metrics)
 
 
 def test_regression_split_by_time_keeps_the_latest_rows_for_test(tmp_path):

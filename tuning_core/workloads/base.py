@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -121,6 +121,16 @@ class ModelSpec:
     test: DatasetSample | None = None
 
 
+# Rows per part where a split is read in parts (``Workload.load_parts``): the test split, which the
+# evaluation of a data-parallel run's model and the champion's re-evaluation read part by part.
+PART_ROWS = 262_144
+
+
+def parts(split: Any) -> Iterable[Any]:
+    """A split given whole (a frame, an array, an (images, labels) pair) as one part; parts as they are."""
+    return [split] if isinstance(split, tuple) or hasattr(split, "shape") else split
+
+
 def first_rows(split: Any, rows: int) -> Any:
     """The first ``rows`` rows of a loaded split: a frame or array, or a tuple of them (images, labels)."""
     if isinstance(split, tuple):
@@ -137,9 +147,20 @@ class Splits(Mapping[str, Any]):
     """
 
     def __init__(self, load: Callable[[str], Any], names: tuple[str, ...], fs: Any = None,
-                 head: Callable[[str, int], Any] | None = None) -> None:
-        self._load, self._names, self.fs, self._head = load, tuple(names), fs, head
+                 head: Callable[[str, int], Any] | None = None,
+                 in_parts: Callable[[str, int], Iterable[Any]] | None = None) -> None:
+        self._load, self._names, self.fs, self._head, self._in_parts = load, tuple(names), fs, head, in_parts
         self._loaded: dict[str, Any] = {}
+
+    def parts(self, name: str, rows: int = PART_ROWS) -> Iterable[Any]:
+        """Split ``name`` in parts of at most ``rows`` rows, read one after another where the loader can
+        (``Workload.load_parts``: the driver never holds the whole split); the split itself, as one
+        part, if it is loaded already."""
+        if name in self._loaded or self._in_parts is None:
+            return [self[name]]
+        if name not in self._names:
+            raise KeyError(name)
+        return self._in_parts(name, rows)
 
     def head(self, name: str, rows: int) -> Any:
         """The first ``rows`` rows of split ``name``, without loading the rest where the loader can
@@ -244,6 +265,12 @@ class Workload(ABC):
         while the split itself stays with the workers. Default: the whole split, cut."""
         return first_rows(self.load_split(fs, version, split), rows)
 
+    def load_parts(self, fs: pafs.FileSystem, version: DataVersion, split: str, rows: int) -> Iterable[Any]:
+        """A split in parts of at most ``rows`` rows, each typed as ``load_split`` types the split, read
+        one after another: what a data-parallel run's evaluation and the champion's re-evaluation read.
+        Default: the whole split as one part (a workload whose splits stay small)."""
+        return [self.load_split(fs, version, split)]
+
     def describe_version(self, version: DataVersion) -> dict[str, Any]:
         """Extra facts ``tunepipe prepare`` prints about a version."""
         return {}
@@ -271,7 +298,8 @@ class Workload(ABC):
 
     @abstractmethod
     def score(self, model: Predictor, version: DataVersion, test: Any) -> dict[str, float]:
-        """Test metrics of a registered model, through the path every consumer takes (its ``predict``)."""
+        """Test metrics of a registered model, through the path every consumer takes (its ``predict``).
+        ``test``: the split, whole or in parts (``load_parts``; see ``parts``)."""
 
     # ---------------------------------------------------------------- batch scoring
     def read_for_scoring(self, source: DataSource, source_fs: pafs.FileSystem) -> tuple[pd.DataFrame, str]:

@@ -20,7 +20,7 @@ from tuning_core.models import MODEL_NAMES
 from tuning_core.results import DataVersion, TuningResult
 from tuning_core.sources import DataSource
 from tuning_core.space import FASHION_SPACE
-from tuning_core.workloads.base import CliOption, DatasetSample, ModelSpec, Predictor, Workload, lineage_metrics
+from tuning_core.workloads.base import CliOption, DatasetSample, ModelSpec, Predictor, Workload, lineage_metrics, parts
 
 if TYPE_CHECKING:
     import numpy as np
@@ -193,10 +193,13 @@ class FashionMnist(Workload):
 
         from tuning_core.evaluate import multiclass_metrics
 
-        x, y = test
-        logits = np.asarray(model.predict(x))
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return multiclass_metrics(y, e / e.sum(axis=1, keepdims=True))
+        labels, probabilities = [], []
+        for x, y in parts(test):
+            logits = np.asarray(model.predict(x))
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            labels.append(y)
+            probabilities.append(e / e.sum(axis=1, keepdims=True))
+        return multiclass_metrics(np.concatenate(labels), np.concatenate(probabilities))
 
 
 def _image_files(version: DataVersion, splits: Mapping[str, Any]) -> Any:

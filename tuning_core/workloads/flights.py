@@ -8,7 +8,7 @@ with a copy of ``tuning_core/data/flight_features.py``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,6 +26,7 @@ from tuning_core.workloads.base import (
     Predictor,
     Workload,
     lineage_metrics,
+    parts,
     plain_features,
 )
 
@@ -110,6 +111,9 @@ class Flights(Workload):
     def load_head(self, fs: pafs.FileSystem, version: DataVersion, split: str, rows: int) -> pd.DataFrame:
         return parquet_head(fs, version, split, rows, typed_rows)
 
+    def load_parts(self, fs: pafs.FileSystem, version: DataVersion, split: str, rows: int) -> Iterator[pd.DataFrame]:
+        return parquet_parts(fs, version, split, rows, typed_rows)
+
     def describe_version(self, version: DataVersion) -> dict[str, Any]:
         bad = version.manifest.get("bad_rows") or {}
         return {"header": version.manifest.get("header"),
@@ -146,7 +150,8 @@ class Flights(Workload):
 
             fit_many = partial(fit_boosters, files=split_files(version, splits, typed_rows),
                                workers=workers_of(cfg.tune.resources))
-            return retrain_xgboost(tuning.best_config, tuning.best_iteration, None, None, splits["test"],
+            # The test split is evaluated part by part (Splits.parts): the driver never holds it whole.
+            return retrain_xgboost(tuning.best_config, tuning.best_iteration, None, None, test_parts(cfg, splits),
                                    retrain=cfg.retrain.retrain, checkpoint_dir=checkpoint_dir, fit_many=fit_many,
                                    rows=(version.rows["train"], version.rows["valid"]))
         return retrain_xgboost(tuning.best_config, tuning.best_iteration, splits["train"], splits["valid"],
@@ -164,7 +169,7 @@ class Flights(Workload):
             metrics=lineage_metrics(final),
             train=DatasetSample(f"flights-{version.version}", version.uri, version.version, frame=full),
             test=DatasetSample(f"flights-{version.version}-test", version.uri, version.version,
-                               frame=splits["test"]))
+                               frame=lineage_test(cfg, splits)))
 
     def score(self, model: Predictor, version: DataVersion, test: pd.DataFrame) -> dict[str, float]:
         import numpy as np
@@ -172,8 +177,12 @@ class Flights(Workload):
         from tuning_core.evaluate import binary_metrics
         from tuning_core.trainables.xgboost import LABEL
 
-        out = model.predict(plain_features(test.drop(columns=[LABEL])))
-        return binary_metrics(test[LABEL].to_numpy(), np.asarray(out["delay_probability"]))
+        labels, predicted = [], []
+        for part in parts(test):
+            out = model.predict(plain_features(part.drop(columns=[LABEL])))
+            labels.append(part[LABEL].to_numpy())
+            predicted.append(np.asarray(out["delay_probability"]))
+        return binary_metrics(np.concatenate(labels), np.concatenate(predicted))
 
     # ---------------------------------------------------------------- batch scoring
     def read_for_scoring(self, source: DataSource, source_fs: pafs.FileSystem) -> tuple[pd.DataFrame, str]:
@@ -221,6 +230,33 @@ def parquet_head(fs: pafs.FileSystem, version: DataVersion, split: str, rows: in
         table = pa.Table.from_batches(batches, schema=parquet.schema_arrow) if batches else \
             parquet.schema_arrow.empty_table()
     return typed(table.slice(0, rows).to_pandas(), version.manifest)
+
+
+def parquet_parts(fs: pafs.FileSystem, version: DataVersion, split: str, rows: int,
+                  typed: Callable[[pd.DataFrame, dict[str, Any]], pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """``version``'s split in parts of at most ``rows`` rows, read one after another from its parquet
+    file and typed by the workload's ``typed`` (row by row: the parts together are ``load_split``'s frame)."""
+    import pyarrow.parquet as pq
+
+    path = f"{version.path.removeprefix('s3://').rstrip('/')}/{split}.parquet"
+    with fs.open_input_file(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=rows):
+            yield typed(batch.to_pandas(), version.manifest)
+
+
+def test_parts(cfg: Any, splits: Mapping[str, Any]) -> Iterable[Any]:
+    """The test split for the final evaluation: in parts for a data-parallel run (``Splits.parts``),
+    whole otherwise."""
+    if cfg.tune.resources.data_parallel and hasattr(splits, "parts"):
+        return splits.parts("test")
+    return splits["test"]
+
+
+def lineage_test(cfg: Any, splits: Mapping[str, Any]) -> pd.DataFrame:
+    """The test split for the model record: whole, or its first ``LINEAGE_ROWS`` for a data-parallel run."""
+    if cfg.tune.resources.data_parallel and hasattr(splits, "head"):
+        return splits.head("test", LINEAGE_ROWS)
+    return splits["test"]
 
 
 def lineage_frame(cfg: Any, splits: Mapping[str, Any]) -> pd.DataFrame:

@@ -10,7 +10,7 @@ evaluation, and the registered model (``infra/model_code/tabular.py``: raw recor
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -30,6 +30,7 @@ from tuning_core.workloads.base import (
     Predictor,
     Workload,
     lineage_metrics,
+    parts,
     plain_features,
 )
 
@@ -206,6 +207,11 @@ class Tabular(Workload):
 
         return parquet_head(fs, version, split, rows, typed_rows)
 
+    def load_parts(self, fs: pafs.FileSystem, version: DataVersion, split: str, rows: int) -> Iterator[pd.DataFrame]:
+        from tuning_core.workloads.flights import parquet_parts
+
+        return parquet_parts(fs, version, split, rows, typed_rows)
+
     def describe_version(self, version: DataVersion) -> dict[str, Any]:
         m = version.manifest
         return {"task": m["task"], "label": m["label"], "classes": m["classes"], "features": m["features"],
@@ -247,12 +253,12 @@ class Tabular(Workload):
                 checkpoint_dir: Path | None) -> FinalModel:
         import pandas as pd
 
-        from tuning_core.retrain import DEFAULT_XGB_CONFIG, DEFAULT_XGB_ROUNDS, FinalModel, scaled_rounds
+        from tuning_core.retrain import DEFAULT_XGB_CONFIG, DEFAULT_XGB_ROUNDS, FinalModel, predict_parts, scaled_rounds
         from tuning_core.trainables.xgboost import fit_booster, load_booster
+        from tuning_core.workloads.flights import test_parts
 
         manifest = version.manifest
         label, task = manifest["label"], self.booster_task(manifest)
-        test = splits["test"]
         started = time.perf_counter()
         if cfg.tune.resources.data_parallel:  # the same workers as the trials, each on its shard
             from functools import partial
@@ -284,9 +290,9 @@ class Tabular(Workload):
         *tuned_fit, baseline = fit_many(fits)
         booster = tuned_fit[0] if cfg.retrain.retrain else load_booster(checkpoint_dir)
         rounds = rounds if cfg.retrain.retrain else booster.num_boosted_rounds()
-        tuned_p, base_p = _predict(booster, test, label), _predict(baseline, test, label)
+        # A data-parallel run's test split is evaluated part by part: the driver never holds it whole.
+        y, tuned_p, base_p = predict_parts(test_parts(cfg, splits), booster, baseline, label=label)
         fit_s = time.perf_counter() - started
-        y = test[label].to_numpy()
         tuned, base = evaluate(manifest, y, tuned_p), evaluate(manifest, y, base_p)
         return FinalModel(model=booster, rounds=rounds, test_metrics=tuned, baseline_test_metrics=base,
                           plots=_plots(manifest, y, tuned_p, base_p), source=source, fit_s=fit_s)
@@ -295,7 +301,7 @@ class Tabular(Workload):
                    splits: dict[str, Any], folder: Path) -> ModelSpec:
         import json
 
-        from tuning_core.workloads.flights import lineage_frame
+        from tuning_core.workloads.flights import lineage_frame, lineage_test
 
         m = version.manifest
         label = m["label"]
@@ -303,11 +309,12 @@ class Tabular(Workload):
         schema = {key: m[key] for key in ("label", "task", "classes", "features", "categories")}
         (folder / "schema.json").write_text(json.dumps(schema))
         full = lineage_frame(cfg, splits)
+        test = lineage_test(cfg, splits)
         return ModelSpec(
             code="tabular.py",
             artifacts={"booster": str(folder / "model.ubj"), "schema": str(folder / "schema.json")},
             requirements=("mlflow", "xgboost", "pandas", "numpy"),
-            input_example=plain_features(splits["test"].drop(columns=[label]).head(5)),
+            input_example=plain_features(test.drop(columns=[label]).head(5)),
             outputs={"columns": output_columns(m)},
             metadata={"input": "records (a DataFrame, a list of row dicts or {column: values}) with the feature "
                                "columns in 'features' (numbers, or strings for the categories); other columns are "
@@ -316,8 +323,7 @@ class Tabular(Workload):
             params={**tuning.best_config, "rounds": final.rounds, "source": final.source, "task": m["task"]},
             metrics=lineage_metrics(final),
             train=DatasetSample(f"tabular-{version.version}", version.uri, version.version, frame=full),
-            test=DatasetSample(f"tabular-{version.version}-test", version.uri, version.version,
-                               frame=splits["test"]),
+            test=DatasetSample(f"tabular-{version.version}-test", version.uri, version.version, frame=test),
         )
 
     def score(self, model: Predictor, version: DataVersion, test: pd.DataFrame) -> dict[str, float]:
@@ -325,13 +331,17 @@ class Tabular(Workload):
 
         manifest = version.manifest
         label = manifest["label"]
-        out = model.predict(plain_features(test.drop(columns=[label])))
-        y = test[label].to_numpy()
-        if manifest["task"] == "binary":
-            return evaluate(manifest, y, np.asarray(out["probability"]))
-        if manifest["task"] == "multiclass":
-            return evaluate(manifest, y, np.column_stack([np.asarray(out[c]) for c, _ in output_columns(manifest)[1:]]))
-        return evaluate(manifest, y, np.asarray(out["prediction"]))
+        labels, predicted = [], []
+        for part in parts(test):
+            out = model.predict(plain_features(part.drop(columns=[label])))
+            labels.append(part[label].to_numpy())
+            if manifest["task"] == "binary":
+                predicted.append(np.asarray(out["probability"]))
+            elif manifest["task"] == "multiclass":
+                predicted.append(np.column_stack([np.asarray(out[c]) for c, _ in output_columns(manifest)[1:]]))
+            else:
+                predicted.append(np.asarray(out["prediction"]))
+        return evaluate(manifest, np.concatenate(labels), np.concatenate(predicted))
 
     # ---------------------------------------------------------------- batch scoring
     def read_for_scoring(self, source: DataSource, source_fs: pafs.FileSystem) -> tuple[pd.DataFrame, str]:
@@ -339,13 +349,6 @@ class Tabular(Workload):
 
         table = tabular.read_table(source_fs, source)
         return table.to_pandas(), "tabular"
-
-
-def _predict(booster: Any, frame: pd.DataFrame, label: str) -> Any:
-    from tuning_core.trainables.xgboost import import_xgboost
-
-    xgb = import_xgboost()
-    return booster.predict(xgb.DMatrix(frame.drop(columns=[label]), enable_categorical=True))
 
 
 def evaluate(manifest: dict[str, Any], y: Any, pred: Any) -> dict[str, float]:
