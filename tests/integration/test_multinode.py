@@ -114,7 +114,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
     for proc in procs:  # the worker node first
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
+            proc.wait(timeout=10)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
