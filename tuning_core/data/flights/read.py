@@ -15,6 +15,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -22,6 +23,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 
 from tuning_core.config import FlightsData
+from tuning_core.data.flights import ordered
 from tuning_core.data.flights.convert import convert_batch
 from tuning_core.data.flights.detect import detect, read_header
 from tuning_core.data.flights.sources import open_bytes, read_error, resolve_files, resolve_source, short_error, uri_of
@@ -34,7 +36,7 @@ logger = logging.getLogger(__name__)
 class ReadResult:
     """Everything read from a source: the canonical rows (in input order) and what happened."""
 
-    table: pa.Table
+    table: pa.Table | None  # None once spilled
     schemas: list[str] = field(default_factory=list)
     files: list[dict[str, Any]] = field(default_factory=list)
     rows_read: int = 0
@@ -43,6 +45,17 @@ class ReadResult:
     bad_rows: int = 0  # rows that did not split into the file's columns, skipped
     bad_examples: list[dict[str, Any]] = field(default_factory=list)  # the first few, with file and line
     engine: str = "local"  # how the files were read: "local" or "ray" (engines)
+    spill: ordered.Spill | None = None  # the rows, on disk, when there were more than ordered.SPILL_ROWS
+
+    def in_order(self, limit: int | None) -> ordered.OrderedRows:
+        """The rows in scheduled-departure order, the first ``limit`` kept; the unordered ones are let go."""
+        rows = self.spill.ordered(limit) if self.spill is not None else ordered.in_memory(self.table, limit)
+        self.table = None
+        return rows
+
+    @property
+    def num_rows(self) -> int:
+        return self.spill.rows if self.spill is not None else self.table.num_rows
 
 
 @dataclass
@@ -196,29 +209,38 @@ def _header_only(src: str) -> DataError:
 
 
 def read_source(fs: pafs.FileSystem, path: str, cfg: FlightsData | None,
-                ray_fs: pafs.FileSystem | None = None) -> ReadResult:
+                ray_fs: pafs.FileSystem | None = None, spill_to: Path | None = None) -> ReadResult:
     """Read every file of a source into one canonical table; all input errors surface here.
 
     The files are read by the engine ``cfg.engine`` chooses (``engines``), each into its canonical rows,
     and combined in the order of ``resolve_files``: the result is the same whichever engine read them.
-    ``ray_fs``: what Ray tasks read ``fs``'s files with (see ``engines.read_files``).
+    ``ray_fs``: what Ray tasks read ``fs``'s files with (see ``engines.read_files``). ``spill_to``: a
+    folder where more than ``ordered.SPILL_ROWS`` canonical rows go (``ordered.Spill``) instead of memory.
     """
     from tuning_core.data.flights.engines import read_files  # engines imports this module's read_file
 
     files = resolve_files(fs, path)
     engine, reads = read_files(fs, files, cfg, ray_fs)
-    return combine(fs, path, reads, cfg, engine)
+    return combine(fs, path, reads, cfg, engine, spill_to)
 
 
 def combine(fs: pafs.FileSystem, path: str, reads: Iterable[FileRead], cfg: FlightsData | None,
-            engine: str = "local") -> ReadResult:
-    """The files' reads, in file order, as one table, with the source-wide bad-row check."""
+            engine: str = "local", spill_to: Path | None = None) -> ReadResult:
+    """The files' reads, in file order, as one table (or spilled to ``spill_to`` once they hold more than
+    ``ordered.SPILL_ROWS`` rows), with the source-wide bad-row check."""
     src = uri_of(fs, path)
     out = ReadResult(table=pa.table({}), engine=engine)
     tables: list[pa.Table] = []
+    held = 0
     for read in reads:
         if read.table is not None:
             tables.append(read.table)
+            held += read.table.num_rows
+            if spill_to is not None and (out.spill is not None or held > ordered.SPILL_ROWS):
+                out.spill = out.spill or ordered.Spill(spill_to)
+                for table in tables:
+                    out.spill.add(table)
+                tables, held = [], 0
         out.schemas.append(read.schema)
         out.rows_read += read.rows
         out.dropped.update(read.dropped)
@@ -233,11 +255,14 @@ def combine(fs: pafs.FileSystem, path: str, reads: Iterable[FileRead], cfg: Flig
                        _bad_row_text(first))
     if out.rows_read == 0:
         raise _header_only(src)
-    if not tables:
+    if not tables and out.spill is None:
         reasons = ", ".join(f"{k}={v}" for k, v in out.dropped.items() if v)
         raise DataError(f"{src}: no rows left after filtering ({out.rows_read} read; dropped {reasons})")
-    # Zero-copy concatenation: the chunks are only copied once, when prepare orders the rows.
-    out.table = pa.concat_tables(tables).unify_dictionaries()
+    if out.spill is not None:
+        out.table = None
+        logger.info("%s: %d canonical rows spilled to %s in buckets", src, out.spill.rows, spill_to)
+    else:  # zero-copy concatenation: the chunks are only copied once, when prepare orders the rows
+        out.table = pa.concat_tables(tables).unify_dictionaries()
     return out
 
 

@@ -17,8 +17,16 @@ SPLITS = ("train", "valid", "test")
 
 def split_indices(days: np.ndarray, cfg: FlightsData, src: str) -> tuple[dict[str, np.ndarray | slice], str]:
     """Rows of each split of the time-ordered table (indices, or a slice for the time split), and
-    what the time cuts fall on."""
-    n = len(days)
+    what the time cuts fall on; ``days``: each row's scheduled-departure day."""
+    distinct, counts = np.unique(days, return_counts=True)
+    return split_rows(distinct, counts, cfg, src)
+
+
+def split_rows(days: np.ndarray, counts: np.ndarray, cfg: FlightsData,
+               src: str) -> tuple[dict[str, np.ndarray | slice], str]:
+    """``split_indices`` from the distinct days in order and the rows of each: what a table held in
+    parts gives (``ordered.OrderedRows.day_counts``) without an array of every row's day."""
+    n = int(counts.sum())
     n_valid = max(1, round(n * cfg.valid_fraction))
     n_test = max(1, round(n * cfg.test_fraction))
     n_train = n - n_valid - n_test
@@ -32,9 +40,11 @@ def split_indices(days: np.ndarray, cfg: FlightsData, src: str) -> tuple[dict[st
 
     # Time split: cut on day boundaries when the data spans enough days, so no date is in two
     # splits (same-day weather and congestion would otherwise leak from train into valid/test).
+    ends = np.cumsum(counts)
+
     def snap(b: int, lo: int) -> int | None:
-        left = int(np.searchsorted(days, days[b], "left"))
-        right = int(np.searchsorted(days, days[b], "right"))
+        run = int(np.searchsorted(ends, b, "right"))  # the day of row b: its rows are [left, right)
+        left, right = int(ends[run] - counts[run]), int(ends[run])
         for c in sorted((left, right), key=lambda c: abs(c - b)):
             if lo < c < n:
                 return c

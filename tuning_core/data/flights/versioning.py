@@ -7,25 +7,22 @@ the hash covers the rows kept and everything that shaped them, so an unchanged i
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import importlib.metadata
-import io
-import json
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from tuning_core.config import FlightsData
 from tuning_core.data.flight_features import CATEGORICAL, FEATURE_DTYPES, FEATURES
 from tuning_core.data.flights.convert import DROP_REASONS, LABEL
-from tuning_core.data.flights.read import read_source
+from tuning_core.data.flights.ordered import day_at
+from tuning_core.data.flights.read import ReadResult, read_source
 from tuning_core.data.flights.sources import resolve_source, storage_error, uri_of
-from tuning_core.data.flights.split import split_indices
+from tuning_core.data.flights.split import split_rows
 from tuning_core.results import DataVersion
 from tuning_core.versioning import read_manifest, version_exists, write_version
 
@@ -35,34 +32,6 @@ logger = logging.getLogger(__name__)
 DATASET = "flights"
 # Bump when the canonical table changes meaning: it is part of every content hash.
 CANONICAL_VERSION = 1
-
-
-def _recode(column: pa.ChunkedArray) -> tuple[pa.DictionaryArray, list[str]]:
-    """Re-encode a dictionary column onto its sorted, used values (stable across inputs and splits)."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if not pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_encode()
-    used = pc.unique(arr.indices).drop_null()
-    categories = sorted(arr.dictionary.take(used).to_pylist())
-    new_dictionary = pa.array(categories, pa.string())
-    mapping = pc.index_in(arr.dictionary, value_set=new_dictionary)
-    indices = mapping.take(arr.indices).cast(pa.int32())
-    return pa.DictionaryArray.from_arrays(indices, new_dictionary), categories
-
-
-def _content_hash(table: pa.Table, header: dict[str, Any]) -> str:
-    """Hash of the canonical rows and everything that shaped them (options, drops, categories).
-
-    Hashing the canonical table, not the input bytes, makes the hash independent of how the input
-    was compressed, chunked or laid out in files, and cheap for multi-GB inputs (the table is small).
-    """
-    h = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
-    for name in table.column_names:
-        arr = table.column(name).combine_chunks()
-        data = pc.fill_null(arr.indices, -1) if pa.types.is_dictionary(arr.type) else arr
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(data.to_numpy(zero_copy_only=False)).tobytes())
-    return h.hexdigest()[:16]
 
 
 def _effective_options(cfg: FlightsData) -> dict[str, Any]:
@@ -81,22 +50,6 @@ def _effective_options(cfg: FlightsData) -> dict[str, Any]:
 
 def _iso_day(day: int) -> str:
     return str(np.datetime64(int(day), "D"))
-
-
-def _null_rates(table: pa.Table) -> dict[str, float]:
-    rates = {}
-    n = max(table.num_rows, 1)
-    for name in FEATURES:
-        arr = table.column(name)
-        missing = arr.null_count
-        if pa.types.is_floating(arr.type):
-            missing += int(pc.sum(pc.is_nan(arr)).as_py() or 0)
-        rates[name] = round(missing / n, 6)
-    return rates
-
-
-def _label_rate(table: pa.Table) -> float:
-    return round(float(pc.mean(table.column(LABEL)).as_py() or 0.0), 6) if table.num_rows else 0.0
 
 
 def _created_by() -> str:
@@ -139,23 +92,21 @@ def prepare(
     """
     in_fs, in_path, embedded = resolve_source(cfg, source_fs, source_path)
     src = uri_of(in_fs, in_path)
-    read = read_source(in_fs, in_path, cfg, ray_fs=ray_fs)
+    # More than ordered.SPILL_ROWS canonical rows go to disk in buckets (the temp folder), not memory.
+    with tempfile.TemporaryDirectory(prefix="tunepipe-flights-") as spill:
+        read = read_source(in_fs, in_path, cfg, ray_fs=ray_fs, spill_to=Path(spill))
+        return _store(cfg, read, src, embedded, fs, root)
 
-    # Order by scheduled departure: the time split and max_rows both mean "the earliest flights".
-    order = pc.sort_indices(read.table, sort_keys=[("_day", "ascending"), ("dep_hour", "ascending"),
-                                                   ("dep_minute", "ascending")])
-    table = read.table.take(order)
-    read.table = order = None  # type: ignore[assignment]  # free the unordered copy before splitting
+
+def _store(cfg: FlightsData, read: ReadResult, src: str, embedded: bool, fs: pafs.FileSystem,
+           root: str) -> DataVersion:
+    """Order, cut, hash, split and write what ``read_source`` read (see ``prepare``)."""
     dropped = {reason: int(read.dropped.get(reason, 0)) for reason in DROP_REASONS}
-    if cfg.max_rows is not None and table.num_rows > cfg.max_rows:
-        dropped["max_rows"] = table.num_rows - cfg.max_rows
-        table = table.slice(0, cfg.max_rows)
-
-    categories: dict[str, list[str]] = {}
-    for name in CATEGORICAL:
-        recoded, categories[name] = _recode(table.column(name))
-        table = table.set_column(table.schema.get_field_index(name), name, recoded)
-    table = table.combine_chunks()
+    if cfg.max_rows is not None and read.num_rows > cfg.max_rows:
+        dropped["max_rows"] = read.num_rows - cfg.max_rows
+    # Ordered by scheduled departure: the time split and max_rows both mean "the earliest flights".
+    rows = read.in_order(cfg.max_rows)
+    categories = rows.categories(CATEGORICAL)
 
     schema_name = "+".join(sorted(set(read.schemas)))
     options = _effective_options(cfg)
@@ -163,15 +114,12 @@ def prepare(
                  "dropped": dropped, "categories": categories}
     if read.bad_rows:  # only then: a clean file keeps the hash it had before bad rows were counted
         shaped_by["bad_rows"] = read.bad_rows
-    version = _content_hash(table, shaped_by)
+    version = rows.content_hash(shaped_by, categories)
     folder = f"{root.rstrip('/')}/data/{DATASET}/{version}"
     uri = uri_of(fs, folder)
 
-    days = table.column("_day").to_numpy()
-    indices, cut_on = split_indices(days, cfg, src)
-    # The time split's parts are zero-copy slices of the ordered table.
-    splits = {name: table.slice(rows.start, rows.stop - rows.start) if isinstance(rows, slice)
-              else table.take(pa.array(rows)) for name, rows in indices.items()}
+    days, day_rows = rows.day_counts()
+    splits, cut_on = split_rows(days, day_rows, cfg, src)
 
     try:
         if version_exists(fs, folder):
@@ -181,6 +129,9 @@ def prepare(
     except OSError as err:
         raise storage_error(fs, folder, err, "read the storage root") from None
 
+    counts = {name: _count(r) for name, r in splits.items()}
+    labels = rows.label_sums({**splits, "overall": slice(0, rows.num_rows)}, LABEL)
+    missing = rows.null_counts(FEATURES, nan=True)
     manifest = {
         "dataset": DATASET,
         "hash": version,
@@ -195,7 +146,7 @@ def prepare(
         "rows_read": read.rows_read,
         "bad_rows": {"policy": cfg.bad_rows, "max_fraction": cfg.max_bad_row_fraction, "skipped": read.bad_rows,
                      "examples": read.bad_examples},
-        "rows": {name: t.num_rows for name, t in splits.items()},
+        "rows": counts,
         "dropped": dropped,
         "labelled_from": {
             f"{reason}_as_delayed": int(read.relabelled.get(reason, 0)) for reason in ("cancelled", "diverted")
@@ -203,25 +154,23 @@ def prepare(
         "label": LABEL,
         "label_definition": f"arrival delay > {cfg.delay_threshold_min:g} min"
         + ("; cancelled and diverted flights count as delayed" if cfg.cancelled == "delayed" else ""),
-        "label_rate": {**{name: _label_rate(t) for name, t in splits.items()}, "overall": _label_rate(table)},
+        "label_rate": {name: _rate(labels[name], n) for name, n in {**counts, "overall": rows.num_rows}.items()},
         "features": FEATURES,
         "feature_dtypes": FEATURE_DTYPES,
         "categorical": CATEGORICAL,
         "categories": categories,
-        "null_rates": _null_rates(table),
+        "null_rates": {name: round(missing[name] / max(rows.num_rows, 1), 6) for name in FEATURES},
         "split": {
             "method": cfg.split,
             "cut_on": cut_on,
-            "date_ranges": {
-                name: [_iso_day(t.column("_day")[0].as_py()), _iso_day(t.column("_day")[-1].as_py())]
-                for name, t in splits.items()
-            },
+            "date_ranges": {name: [_iso_day(day_at(days, day_rows, first)), _iso_day(day_at(days, day_rows, last))]
+                            for name, (first, last) in ((name, _ends(r)) for name, r in splits.items())},
         },
         "options": cfg.model_dump(mode="json"),
         "created_by": _created_by(),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    files = {f"{name}.parquet": _parquet_writer(t.select([*FEATURES, LABEL])) for name, t in splits.items()}
+    files = {f"{name}.parquet": rows.parquet_writer(r, [*FEATURES, LABEL], categories) for name, r in splits.items()}
     try:
         write_version(fs, folder, files, manifest)
     except OSError as err:
@@ -230,11 +179,18 @@ def prepare(
     return _data_version(version, uri, folder, manifest)
 
 
-def _parquet_writer(table: pa.Table):
-    def write(out: io.BufferedIOBase) -> None:
-        pq.write_table(table, out, compression="zstd")
+def _count(rows: np.ndarray | slice) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else len(rows)
 
-    return write
+
+def _ends(rows: np.ndarray | slice) -> tuple[int, int]:
+    """Positions of a split's first and last row (its rows are in order)."""
+    return (rows.start, rows.stop - 1) if isinstance(rows, slice) else (int(rows[0]), int(rows[-1]))
+
+
+def _rate(positives: int, n: int) -> float:
+    """A label rate as ``pc.mean`` of the int8 label gives it: the integer sum over the count."""
+    return round(positives / n, 6) if n else 0.0
 
 
 def _data_version(version: str, uri: str, folder: str, manifest: dict[str, Any]) -> DataVersion:
