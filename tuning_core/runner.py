@@ -332,9 +332,8 @@ def _checkpoints_to_keep(cfg: TuneConfig) -> int | None:
 
 def _warn_hyperband_capped(cfg: TuneConfig) -> None:
     """HyperBand halves a bracket among the trials in it, and needs them proposed together (see
-    ``search._max_concurrent``). A cap on trials at a time (``max_concurrent_trials``, or what the
-    workers of data-parallel trials fit) lets them out a few at a time: they refill the first bracket,
-    which never halves, and few are ever stopped early."""
+    ``search._max_concurrent``). A cap on trials at a time (``max_concurrent_trials``) lets them out a
+    few at a time: they refill the first bracket, which never halves, and few are ever stopped early."""
     cap = cfg.max_concurrent_trials
     if cfg.scheduler == "hyperband" and cap and cap < cfg.num_samples:
         log.warning("scheduler hyperband with at most %d trials at a time: the trials arrive a few at a time and "
@@ -347,6 +346,13 @@ def _data_parallel(cfg: TuneConfig) -> tuple[TuneConfig, Any]:
     The trial process reserves no CPU (its Train run reserves the workers), so Tune cannot see what a
     trial really holds: concurrent trials are capped here so that their workers fit the cluster's
     CPUs together (else a started trial would wait for workers that others hold).
+
+    Except under HyperBand (unless ``max_concurrent_trials`` is set): it halves a bracket among the
+    trials in it, which must all be alive together, and a capped run lets them out a few at a time (see
+    ``search._max_concurrent``). There every trial starts at once; those whose workers do not fit yet
+    wait in their Train run (Ray Train retries placing its workers, without limit) and get them when a
+    trial ahead reaches its rung and pauses, which frees its workers (``stopped_run_releaser``). Each
+    waiting trial holds a trial process and a Train controller (~0.3 GB together), no CPU.
     """
     import ray
 
@@ -355,6 +361,11 @@ def _data_parallel(cfg: TuneConfig) -> tuple[TuneConfig, Any]:
     workers = Workers(cfg.resources.workers_per_trial, cfg.resources.cpu_per_worker)
     cpus = float(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else float(os.cpu_count() or 1)
     cap = concurrent_trials(cpus, workers, cfg.max_concurrent_trials)
+    if cfg.scheduler == "hyperband" and not cfg.max_concurrent_trials:
+        log.info("data-parallel trials under hyperband: all %d start at once (HyperBand halves among the trials "
+                 "of a bracket); %d at a time hold workers (%d x %g CPU each, %g CPUs), the others wait for theirs",
+                 cfg.num_samples, cap, workers.count, workers.cpu, cpus)
+        return cfg.model_copy(update={"max_concurrent_trials": cfg.num_samples}), trial_resources()
     if cfg.scheduler == "pbt" and cap < 2:
         # PBT exploits among trials that run side by side; one at a time, no trial ever has a peer.
         raise ConfigError(f"scheduler pbt with resources.workers_per_trial={workers.count} x cpu_per_worker="

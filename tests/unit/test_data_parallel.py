@@ -107,16 +107,20 @@ def test_median_stopping_stops_a_data_parallel_trial_below_the_median(ray_local,
         assert [h["training_iteration"] for h in t.history] == list(range(1, t.iterations + 1))
 
 
-def test_hyperband_runs_data_parallel_trials_to_a_result(ray_local, version, tmp_path, caplog):
-    """As with one worker (test_runner): HyperBand runs them to a result with every round in each history.
-    Data-parallel trials stay capped at what the workers fit (one here), which HyperBand cannot halve
-    among (see search._max_concurrent): the run says so."""
-    cfg = dp_cfg(scheduler="hyperband", search="hyperopt", num_samples=2, max_iterations=4)
+def test_hyperband_stops_the_poor_data_parallel_trial_as_with_one_worker(ray_local, version, tmp_path, caplog):
+    """The one-worker test's run (test_runner: max_t 4, eta 4, HyperOpt, the poor configuration last) with
+    two workers a trial, where the workers fit one trial at a time: all four trials start at once (a cap
+    would let them out one by one into a bracket that never halves), three wait for workers, and HyperBand
+    halves the second bracket at round 1, where the poor configuration stops."""
+    cfg = dp_cfg(scheduler="hyperband", search="hyperopt", num_samples=4, max_iterations=4, checkpoint_every=1,
+                 metric="logloss", mode="min", scheduler_options={"reduction_factor": 4},
+                 points_to_evaluate=[GOOD, GOOD, GOOD, POOR])
     trainable, data = tune_inputs(version, cfg)
-    with caplog.at_level("WARNING", logger="tuning_core.runner"):
+    with caplog.at_level("INFO", logger="tuning_core.runner"):
         result = run_tuning(trainable, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "dp-hyperband")
-    assert "scheduler hyperband with at most 1 trials at a time" in caplog.text
-    assert result.num_trials == 2 and max(t.iterations for t in result.trials) == 4
+    assert "under hyperband: all 4 start at once" in caplog.text and "trials at a time:" not in caplog.text
+    iterations = sorted((round(t.config["eta"], 2), t.iterations) for t in result.trials)
+    assert iterations == [(0.05, 1), (0.5, 4), (0.5, 4), (0.5, 4)], iterations
     for t in result.trials:
         assert [h["training_iteration"] for h in t.history] == list(range(1, t.iterations + 1))
 

@@ -318,6 +318,31 @@ def test_a_spilled_source_with_a_bad_file_fails_with_its_one_line_and_leaves_not
     assert not list(Path(tempfile.gettempdir()).iterdir()), "the spill folder was left behind"
 
 
+@pytest.mark.parametrize("where", ["full-disk", "no-temp-folder"])
+def test_a_spill_folder_that_cannot_be_written_fails_with_one_line_naming_it(tmp_path, spill_small, monkeypatch,
+                                                                            where):
+    import tempfile
+
+    import pyarrow as pa
+
+    from tuning_core.errors import StorageError
+
+    if where == "full-disk":
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(pa.ipc, "new_file", full)
+    else:
+        (tmp_path / "tmp").rmdir()
+        (tmp_path / "tmp").write_text("a file where the temp folder should be")
+    with pytest.raises(StorageError) as err:
+        prepare(multi_file_source(tmp_path / "in"), tmp_path / "store", engine="local")
+    assert "TMPDIR" in str(err.value) and str(tmp_path / "tmp") in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob("*.parquet"))
+    if where == "full-disk":
+        assert not list(Path(tempfile.gettempdir()).iterdir()), "the spill folder was left behind"
+
+
 def test_a_column_hashed_in_parts_gives_the_bytes_of_the_whole_column():
     """An integer column with a null in one part only is hashed as float64 in every part, as ``to_numpy``
     converts the whole column; a dictionary column by its indices into the categories."""

@@ -19,8 +19,10 @@ errors, the content hash and the splits are the same whichever engine ran; only 
   process) and the input is at least ``_RAY_MIN_FILES`` files of ``_RAY_MIN_BYTES`` in all; else ``local``.
   Below that, starting tasks costs more than parsing in-process saves, and one file is one task anyway.
 
-The canonical table still comes together on the driver: ordering by departure, the time split and
-the content hash need all rows. It is ~3x smaller than the CSV text (ASA: ~35 vs ~100 bytes a flight).
+The driver takes the files' canonical rows one file at a time, in file order: ordering by departure,
+the time split and the content hash need all rows in one order. Up to ``ordered.SPILL_ROWS`` they are
+held in memory (~35 bytes a flight, ~3x less than the CSV text); past that they go to disk in buckets
+of departure days (``ordered.Spill``), so the driver holds one file's rows and one bucket.
 """
 
 from __future__ import annotations

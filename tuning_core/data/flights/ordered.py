@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tuning_core.errors import StorageError
+
 logger = logging.getLogger(__name__)
 
 SORT_KEYS = [("_day", "ascending"), ("dep_hour", "ascending"), ("dep_minute", "ascending")]
@@ -266,8 +268,12 @@ def _flush(writer: Any, out: Any, held: list[pa.Table]) -> Any:
 
 
 def _write_ipc(table: pa.Table, path: Path) -> None:
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
+    try:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    except OSError as err:  # typically a full disk: say which folder and what it needs
+        raise StorageError(f"{path.parent}: cannot spill the flights' canonical rows there ({err}); "
+                           "expected a temp folder with ~35 bytes free per flight: set TMPDIR to one") from None
 
 
 def _mapped(path: Path) -> pa.Table:

@@ -23,6 +23,7 @@ from tuning_core.data.flights.ordered import day_at
 from tuning_core.data.flights.read import ReadResult, read_source
 from tuning_core.data.flights.sources import resolve_source, storage_error, uri_of
 from tuning_core.data.flights.split import split_rows
+from tuning_core.errors import StorageError
 from tuning_core.results import DataVersion
 from tuning_core.versioning import read_manifest, version_exists, write_version
 
@@ -93,7 +94,12 @@ def prepare(
     in_fs, in_path, embedded = resolve_source(cfg, source_fs, source_path)
     src = uri_of(in_fs, in_path)
     # More than ordered.SPILL_ROWS canonical rows go to disk in buckets (the temp folder), not memory.
-    with tempfile.TemporaryDirectory(prefix="tunepipe-flights-") as spill:
+    try:
+        folder = tempfile.TemporaryDirectory(prefix="tunepipe-flights-")
+    except OSError as err:
+        raise StorageError(f"{tempfile.gettempdir()}: cannot make a temp folder for the flights data ({err}); "
+                           "expected a writable folder: set TMPDIR to one") from None
+    with folder as spill:
         read = read_source(in_fs, in_path, cfg, ray_fs=ray_fs, spill_to=Path(spill))
         return _store(cfg, read, src, embedded, fs, root)
 
