@@ -208,44 +208,29 @@ def seen_iterations() -> tuple[Any, list[int]]:
     return Seen(), seen
 
 
-def test_trial_failing_mid_run_resumes_its_train_run_from_the_checkpoint(ray_local, version, tmp_path):
-    import xgboost as xgb
-
-    marker = tmp_path / "failed-once"
-    cfg = dp_cfg(max_iterations=12, checkpoint_every=4, max_failures=1, stop_metric_threshold=1.0)
-    _, data = tune_inputs(version, cfg)
-    recorder, iterations = seen_iterations()
-    result = run_tuning(failing_after_first_checkpoint(str(marker)), data, cfg.space, cfg, LOCAL,
-                        str(tmp_path / "ray"), "dp-fault", callbacks=[recorder])
-    assert marker.exists()
-    (trial,) = result.trials
-    assert trial.status == "TERMINATED" and trial.iterations == 12
-    exp_dir = Path(result.experiment_uri)
-    trial_dir = exp_dir / f"trial_{trial.trial_id}"
-    assert "injected trial failure" in (trial_dir / "error.txt").read_text()
-    # Resumed after iteration 4's checkpoint, not restarted: rounds 1-4 reported once, then 5 on.
-    assert iterations == list(range(1, 13)), iterations
-    assert [h["training_iteration"] for h in trial.history] == list(range(1, 13))
-    assert xgb.Booster(model_file=str(Path(trial.checkpoint_uri) / MODEL_FILE)).num_boosted_rounds() == 12
-
-
-def test_a_trial_whose_worker_is_sigkilled_resumes_its_train_run_from_the_checkpoint(ray_local, version, tmp_path):
-    """SIGKILL one XGBoost Train worker right after the trial's first checkpoint (round 4): Tune restores
-    the trial, whose new Train run continues from that booster instead of boosting from round 1."""
+def test_a_trial_raising_then_losing_a_worker_resumes_its_train_run_from_the_checkpoint_each_time(
+        ray_local, version, tmp_path):
+    """Two faults in one trial of 12 rounds, checkpointed every 4: the trial process raises right after
+    its first checkpoint (round 4), which ends its Train run; later one XGBoost Train worker is SIGKILLed
+    at round 8. Each time Tune restores the trial, and its new Train run continues from the last booster
+    instead of boosting from round 1: every round is reported once."""
     import xgboost as xgb
 
     from tests.faults import train_worker_killer
 
-    killer, killed = train_worker_killer(at_iteration=4)
-    cfg = dp_cfg(max_iterations=12, checkpoint_every=4, max_failures=1, stop_metric_threshold=1.0)
-    trainable, data = tune_inputs(version, cfg)
+    marker = tmp_path / "failed-once"
+    killer, killed = train_worker_killer(at_iteration=8)
+    cfg = dp_cfg(max_iterations=12, checkpoint_every=4, max_failures=2, stop_metric_threshold=1.0)
+    _, data = tune_inputs(version, cfg)
     recorder, iterations = seen_iterations()
-    result = run_tuning(trainable, data, cfg.space, cfg, LOCAL, str(tmp_path / "ray"), "dp-sigkill",
-                        callbacks=[killer, recorder])
-    assert killed, "no Ray Train worker process was found to kill"
+    result = run_tuning(failing_after_first_checkpoint(str(marker)), data, cfg.space, cfg, LOCAL,
+                        str(tmp_path / "ray"), "dp-faults", callbacks=[killer, recorder])
+    assert marker.exists() and killed, (marker.exists(), killed)
     (trial,) = result.trials
     assert trial.status == "TERMINATED" and trial.iterations == 12
-    # Rounds 1-4 once (the retry resumed from round 4's checkpoint), then on to 12.
+    exp_dir = Path(result.experiment_uri)
+    assert "injected trial failure" in (exp_dir / f"trial_{trial.trial_id}" / "error.txt").read_text()
+    # Resumed after round 4's checkpoint, then after round 8's: rounds 1-12 reported once each.
     assert iterations == list(range(1, 13)), iterations
     assert [h["training_iteration"] for h in trial.history] == list(range(1, 13))
     assert xgb.Booster(model_file=str(Path(trial.checkpoint_uri) / MODEL_FILE)).num_boosted_rounds() == 12
