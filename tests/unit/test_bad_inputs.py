@@ -206,6 +206,9 @@ CASES: dict[str, Case] = {
         run_tabular(_table("t.csv", x=list(range(30)), y=["a", "b", "c"] * 10), "--label", "y", "--task", "binary"),
         "task binary, but 3 classes"),
     "tabular: label not given": Case(run_tabular(_table("t.csv", x=[1, 2], y=[0, 1])), "data.label: Field required"),
+    "tabular: only an identifier column besides the label": Case(
+        run_tabular(_table("t.csv", user=[f"u{i:04d}" for i in range(300)], y=[0, 1] * 150), "--label", "y"),
+        "every feature column looks like an identifier (['user'])"),
     # ---- config and search space
     "loguniform low <= 0": Case(with_config(_space("{type: loguniform, low: 0, high: 1}")), "needs low > 0"),
     "low >= high": Case(with_config(_space("{type: uniform, low: 2, high: 1}")), "needs low < high"),

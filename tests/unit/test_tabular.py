@@ -143,6 +143,29 @@ def test_regression_split_by_time_keeps_the_latest_rows_for_test(tmp_path):
         model.predict(None, raw.drop(columns=["age"]).head(2))
 
 
+def test_an_identifier_column_is_left_out_of_the_features_and_named(tmp_path, caplog):
+    """A string column with a distinct value per row (an order id) is no category: left out, named in the
+    manifest and the log; a string column of few values stays a category; max_unique_fraction 1 keeps it."""
+    frame = pd.read_csv(breast_cancer_csv(tmp_path))
+    frame["order_id"] = [f"ORD-{i:06d}" for i in range(len(frame))]
+    frame["size_band"] = np.where(frame["mean_radius"] > 14, "large", "small")
+    path = tmp_path / "orders.csv"
+    frame.to_csv(path, index=False)
+    versions = {}
+    for fraction in (0.5, 1.0):
+        cfg = TabularPipeline(data={"source": str(path), "label": "diagnosis", "max_unique_fraction": fraction})
+        source = TABULAR.data_source(cfg)
+        cfg = TABULAR.resolve(cfg, source, LOCAL)
+        with caplog.at_level("WARNING", logger="tuning_core.data.tabular"):
+            versions[fraction] = TABULAR.prepare(cfg, source, LOCAL, LOCAL, str(tmp_path / "store"))
+    dropped, kept = versions[0.5].manifest, versions[1.0].manifest
+    assert "order_id" not in dropped["features"] and dropped["identifier_columns"] == {"order_id": len(frame)}
+    assert dropped["features"]["size_band"] == "category"
+    assert "['order_id'] look like identifiers" in caplog.text
+    assert kept["features"]["order_id"] == "category" and kept["identifier_columns"] == {}
+    assert versions[0.5].version != versions[1.0].version
+
+
 def test_same_table_same_version_and_a_stated_task_wins(tmp_path):
     path = str(wine_parquet(tmp_path))
     cfg = TabularPipeline(data={"source": path, "label": "target", "task": "regression"})

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -187,6 +188,39 @@ def feature_columns(schema: pa.Schema, label: str, time_column: str | None, drop
     return out
 
 
+# A string column with at most this many distinct values is a category whatever its share of distinct
+# values: small tables have few rows, and categories of ~100 values are common (states, product lines).
+_MIN_IDENTIFIER_VALUES = 100
+
+
+def identifier_columns(table: pa.Table, features: dict[str, str], max_unique_fraction: float,
+                       src: str, quiet: bool = False) -> dict[str, int]:
+    """String columns that look like identifiers (more than ``_MIN_IDENTIFIER_VALUES`` distinct values,
+    and more than ``max_unique_fraction`` of their values distinct): name → distinct values.
+
+    As categories they would give XGBoost one category per row (nothing to learn, a model schema listing
+    every id) and make the served model refuse any id it has not seen. Left out, logged unless ``quiet``.
+    Raises DataError when no feature would be left.
+    """
+    found = {}
+    for name, kind in features.items():
+        if kind != "category" or max_unique_fraction >= 1:
+            continue
+        column = table.column(name)
+        values = len(column) - column.null_count
+        distinct = pc.count_distinct(column).as_py()
+        if distinct > _MIN_IDENTIFIER_VALUES and distinct > max_unique_fraction * values:
+            found[name] = int(distinct)
+    if found and not quiet:
+        log.warning("%s: column(s) %s look like identifiers (distinct values: %s), not categories; left out of the "
+                    "features (data.max_unique_fraction %g; set 1 to keep them, or list them in data.drop_columns)",
+                    src, sorted(found), found, max_unique_fraction)
+    if found and len(found) == len(features):
+        raise DataError(f"{src}: every feature column looks like an identifier ({sorted(found)}); expected at least "
+                        f"one number or category column (raise data.max_unique_fraction to keep them)")
+    return found
+
+
 def _python(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
@@ -276,6 +310,8 @@ def prepare(cfg: Any, source: DataSource, source_fs: pafs.FileSystem, fs: pafs.F
     src = source.uri
     table = read_table(fs=source_fs, source=source)
     features = feature_columns(table.schema, cfg.label, cfg.time_column, list(cfg.drop_columns), src)
+    identifiers = identifier_columns(table, features, cfg.max_unique_fraction, src)
+    features = {name: kind for name, kind in features.items() if name not in identifiers}
     info = inspect_label(table.column(cfg.label), cfg.label, task, src)
     frame = pd.DataFrame({name: _feature_values(table.column(name), kind) for name, kind in features.items()})
     labels = table.column(cfg.label).to_pandas()
@@ -318,6 +354,7 @@ def prepare(cfg: Any, source: DataSource, source_fs: pafs.FileSystem, fs: pafs.F
         "dataset": DATASET, "hash": digest, "schema": "tabular", "source": src,
         "files": resolve_files(source_fs, source)[:100], **shaped_by,
         "rows": {name: len(part) for name, part in splits.items()}, "dropped": dropped,
+        "identifier_columns": identifiers,
         "label_rate": ({name: float(part[cfg.label].mean()) for name, part in splits.items()}
                        if info.task == "binary" else None),
         "null_rates": {name: round(float(frame[name].isna().mean()), 6) for name in features},

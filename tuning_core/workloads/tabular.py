@@ -82,6 +82,10 @@ class TabularData(_Frozen):
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
     seed: int = 0
     max_rows: int | None = Field(None, ge=1, description="keep only the first N labelled rows (quick runs)")
+    max_unique_fraction: float = Field(
+        0.5, gt=0, le=1, description="a string column with more distinct values than this share of its values "
+        "(and over 100) is an identifier, not a category: left out of the features and named in the manifest; "
+        "1 keeps every string column")
 
     @model_validator(mode="after")
     def _time_split_needs_a_column(self) -> TabularData:
@@ -154,10 +158,15 @@ class Tabular(Workload):
         if fingerprint is not None and key in _LABELS:
             return _LABELS[key]
         schema = tabular.read_schema(source_fs, source)
-        tabular.feature_columns(schema, cfg.data.label, cfg.data.time_column, list(cfg.data.drop_columns),
-                                source.uri)
-        column = tabular.read_table(source_fs, source, columns=[cfg.data.label]).column(cfg.data.label)
-        info = tabular.inspect_label(column, cfg.data.label, cfg.data.task, source.uri)
+        features = tabular.feature_columns(schema, cfg.data.label, cfg.data.time_column, list(cfg.data.drop_columns),
+                                           source.uri)
+        # The label, and the string columns: a table whose features are all identifiers fails here, before
+        # anything starts, rather than in the data stage.
+        strings = [name for name, kind in features.items() if kind == "category"] \
+            if cfg.data.max_unique_fraction < 1 else []
+        table = tabular.read_table(source_fs, source, columns=[cfg.data.label, *strings])
+        tabular.identifier_columns(table, features, cfg.data.max_unique_fraction, source.uri, quiet=True)
+        info = tabular.inspect_label(table.column(cfg.data.label), cfg.data.label, cfg.data.task, source.uri)
         if fingerprint is not None:
             _LABELS[key] = info
         return info
