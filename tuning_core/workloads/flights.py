@@ -151,7 +151,7 @@ class Flights(Workload):
             fit_many = partial(fit_boosters, files=split_files(version, splits, typed_rows),
                                workers=workers_of(cfg.tune.resources))
             # The test split is evaluated part by part (Splits.parts): the driver never holds it whole.
-            return retrain_xgboost(tuning.best_config, tuning.best_iteration, None, None, test_parts(cfg, splits),
+            return retrain_xgboost(tuning.best_config, tuning.best_iteration, None, None, evaluation_parts(cfg, splits),
                                    retrain=cfg.retrain.retrain, checkpoint_dir=checkpoint_dir, fit_many=fit_many,
                                    rows=(version.rows["train"], version.rows["valid"]))
         return retrain_xgboost(tuning.best_config, tuning.best_iteration, splits["train"], splits["valid"],
@@ -244,7 +244,7 @@ def parquet_parts(fs: pafs.FileSystem, version: DataVersion, split: str, rows: i
             yield typed(batch.to_pandas(), version.manifest)
 
 
-def test_parts(cfg: Any, splits: Mapping[str, Any]) -> Iterable[Any]:
+def evaluation_parts(cfg: Any, splits: Mapping[str, Any]) -> Iterable[Any]:
     """The test split for the final evaluation: in parts for a data-parallel run (``Splits.parts``),
     whole otherwise."""
     if cfg.tune.resources.data_parallel and hasattr(splits, "parts"):

@@ -264,7 +264,7 @@ class Tabular(Workload):
 
         from tuning_core.retrain import DEFAULT_XGB_CONFIG, DEFAULT_XGB_ROUNDS, FinalModel, predict_parts, scaled_rounds
         from tuning_core.trainables.xgboost import fit_booster, load_booster
-        from tuning_core.workloads.flights import test_parts
+        from tuning_core.workloads.flights import evaluation_parts
 
         manifest = version.manifest
         label, task = manifest["label"], self.booster_task(manifest)
@@ -300,7 +300,7 @@ class Tabular(Workload):
         booster = tuned_fit[0] if cfg.retrain.retrain else load_booster(checkpoint_dir)
         rounds = rounds if cfg.retrain.retrain else booster.num_boosted_rounds()
         # A data-parallel run's test split is evaluated part by part: the driver never holds it whole.
-        y, tuned_p, base_p = predict_parts(test_parts(cfg, splits), booster, baseline, label=label)
+        y, tuned_p, base_p = predict_parts(evaluation_parts(cfg, splits), booster, baseline, label=label)
         fit_s = time.perf_counter() - started
         tuned, base = evaluate(manifest, y, tuned_p), evaluate(manifest, y, base_p)
         return FinalModel(model=booster, rounds=rounds, test_metrics=tuned, baseline_test_metrics=base,
