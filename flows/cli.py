@@ -113,8 +113,12 @@ def _guard(fn):
             raise
         except Exception as err:  # noqa: BLE001 - a bug: say so in one line, details in the log
             from infra.storage import redact
+            from infra.tracking import database_error_line
 
             log.debug("unexpected error", exc_info=True)
+            if (line := database_error_line(err)) is not None:  # the tracking store's database, not a bug
+                typer.echo(f"error: {line}", err=True)
+                raise typer.Exit(1) from None
             lines = [ln for ln in str(err).splitlines() if ln.strip()]
             # Multi-line errors (Ray's TuneError carries a traceback) end with the actual message.
             typer.echo(f"internal error ({type(err).__name__}): {redact(lines[-1].strip() if lines else '')}", err=True)

@@ -403,6 +403,30 @@ def _score_on_same_data(champion: Any, challenger: Any, metric: str) -> float | 
         return None
 
 
+def database_error_line(err: BaseException) -> str | None:
+    """One line for an error of MLflow's database store anywhere in ``err``'s chain, or None.
+
+    SQLAlchemy's own message is the driver's error, then the SQL statement and a link to its docs: the
+    CLI's line would otherwise end with the link. A locked SQLite file says what locks it and what helps.
+    """
+    import sys
+
+    sa_exc = sys.modules.get("sqlalchemy.exc")  # not imported: the error cannot come from SQLAlchemy
+    seen: BaseException | None = err
+    while sa_exc is not None and seen is not None and not isinstance(seen, sa_exc.DBAPIError):
+        seen = seen.__cause__ or seen.__context__
+    if sa_exc is None or seen is None:
+        return None
+    mlflow = sys.modules.get("mlflow")
+    uri = redact(mlflow.get_tracking_uri() if mlflow else os.environ.get("MLFLOW_TRACKING_URI", "?"))
+    reason = _first_line(seen.orig) if seen.orig is not None else _first_line(seen)
+    if "database is locked" in reason:
+        return (f"MLflow tracking store {uri}: database is locked (another process held its write lock for "
+                f"over 20 s: a stopped or hung run?); SQLite takes one writer at a time, so many concurrent "
+                f"runs want a tracking server (MLFLOW_TRACKING_URI=http://...)")
+    return f"MLflow tracking store {uri}: {reason}"
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return redact(text[0][:300] if text else type(err).__name__)

@@ -82,6 +82,31 @@ def wait_for(what: str, check, run: Run, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
+def pause_outside_a_transaction(run: Run, db: Path) -> None:
+    """SIGSTOP ``run``'s driver at a moment it holds no lock on the shared MLflow SQLite file.
+
+    Right after taking the lease the driver writes its parent run; stopped inside that write it held the
+    file's lock until the second run, waiting on it, gave up (MLflow's 20-s busy timeout: "database is
+    locked", CI of 576bf21). A running process holds it for milliseconds: if the file cannot be locked
+    exclusively at once, the driver is resumed for a moment and stopped again.
+    """
+    import sqlite3
+
+    for _ in range(200):
+        os.kill(run.proc.pid, signal.SIGSTOP)
+        probe = sqlite3.connect(db, timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN EXCLUSIVE")
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            os.kill(run.proc.pid, signal.SIGCONT)
+            time.sleep(0.02)
+        finally:
+            probe.close()
+    raise AssertionError(f"{run.name}: the MLflow database stayed locked for 200 tries")
+
+
 def lease_record(store: Path) -> dict | None:
     records = list((store / "leases").glob("*.json")) if (store / "leases").is_dir() else []
     try:
@@ -122,7 +147,7 @@ def test_a_second_run_while_the_first_holds_the_lease_stops_with_exit_3(shared):
     # well inside the 60-s TTL) until the second has answered, then resumed.
     try:
         wait_for("the first run's lease", lambda: (lease_record(tmp / "store") or {}).get("state") == "held", first)
-        os.kill(first.proc.pid, signal.SIGSTOP)
+        pause_outside_a_transaction(first, tmp / "mlflow.db")
         second = Run(tmp, env, "second")
         second_code = second.wait(timeout=180)
     finally:

@@ -146,3 +146,39 @@ def test_bad_input_run_leaves_no_prefect_api_behind(tmp_path):
     for p in left:
         p.kill()
     assert not left, f"left running: {[' '.join(p.cmdline()[:6]) for p in left]}"
+
+
+def test_a_locked_tracking_database_is_one_line_naming_the_lock_not_an_internal_error(tmp_path, capsys):
+    """SQLAlchemy's message ends with a link to its docs; the CLI's line was that link ("internal error
+    (OperationalError): (Background on this error at ...)") when a stopped run held MLflow's SQLite lock."""
+    import sqlite3
+
+    import pytest
+    import sqlalchemy
+    import typer
+
+    from flows.cli import _guard
+
+    db = tmp_path / "mlflow.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("CREATE TABLE t (x INTEGER)")
+    holder.execute("BEGIN EXCLUSIVE")  # as a process stopped inside a write holds it
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}", connect_args={"timeout": 0})
+
+    @_guard
+    def command() -> None:
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT * FROM t"))
+        except sqlalchemy.exc.OperationalError as err:
+            raise RuntimeError("Finished in state Failed") from err  # as Prefect re-raises a task's failure
+
+    try:
+        with pytest.raises(typer.Exit) as exit_:
+            command()
+    finally:
+        holder.execute("ROLLBACK")
+    [line] = capsys.readouterr().err.splitlines()
+    assert exit_.value.exit_code == 1
+    assert line.startswith("error: MLflow tracking store ") and "database is locked" in line, line
+    assert "tracking server" in line and "Background on this error" not in line
