@@ -98,7 +98,8 @@ class Tracker:
         try:
             self.client.search_experiments(max_results=1)
         except Exception as err:  # noqa: BLE001 - MLflow raises many types for an unreachable store
-            raise ServiceUnavailable(f"MLflow tracking URI {redact(self.uri)}: unreachable ({_first_line(err)})") \
+            raise ServiceUnavailable(database_error_line(err)
+                                     or f"MLflow tracking URI {redact(self.uri)}: unreachable ({_first_line(err)})") \
                 from None
 
     def experiment_id(self, name: str) -> str:
