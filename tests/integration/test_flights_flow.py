@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import ASA_SAMPLE
 from tuning_core.config import FlightsData, FlightsPipeline, RegistryConfig, TuneConfig
+from tuning_core.errors import DataError
 
 pytestmark = pytest.mark.slow
 
@@ -205,7 +206,7 @@ def test_rerun_after_driver_sigkill_resumes_instead_of_restarting(env, tmp_path)
     assert sorted(trial_ids) == sorted(set(trial_ids)) and len(trial_ids) == trials
 
 
-def test_batch_score_writes_a_prediction_per_row(env, tmp_path):
+def test_batch_score_writes_a_prediction_per_row(env, tmp_path, monkeypatch):
     from flows.batch_score import batch_score
     from flows.workloads import flights_tuning
 
@@ -224,3 +225,30 @@ def test_batch_score_writes_a_prediction_per_row(env, tmp_path):
     out = pd.read_parquet(result["output"])
     assert result["rows"] == len(out) == 300
     assert out["delay_probability"].between(0, 1).all()
+
+    # A folder of files is scored a file at a time, PART_ROWS rows a prediction call, never held whole:
+    # the same predictions as the one file, in the same order.
+    from tasks import scoring
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rows.iloc[:120].to_csv(folder / "a.csv", index=False)
+    rows.iloc[120:].to_csv(folder / "b.csv", index=False)
+    parts: list[int] = []
+    add = scoring._Predictions.add
+    monkeypatch.setattr(scoring, "PART_ROWS", 50)
+    monkeypatch.setattr(scoring._Predictions, "add", lambda self, scored, figures: (
+        parts.append(len(scored)), add(self, scored, figures)))
+    many = batch_score(str(folder), "flow-score")
+    assert parts == [50, 50, 20, 50, 50, 50, 30]
+    pd.testing.assert_frame_equal(pd.read_parquet(many["output"]), out)
+    assert many["delayed_rate"] == pytest.approx(result["delayed_rate"])
+
+    # A bad file after a good one was scored: one line, and no predictions at all (nor a partial file).
+    (folder / "c.csv").write_text("this,is,not\na,flights,file\n")
+    written = sorted(p.name for p in (tmp_path / "store" / "predictions").rglob("*"))
+    parts.clear()
+    with pytest.raises(DataError, match="c.csv"):
+        batch_score(str(folder), "flow-score")
+    assert sum(parts) == 300  # a.csv and b.csv had been scored when c.csv failed
+    assert sorted(p.name for p in (tmp_path / "store" / "predictions").rglob("*")) == written

@@ -780,3 +780,30 @@ def test_s3_too_many_bad_rows_writes_nothing_to_s3_storage(tmp_path, s3):
     with pytest.raises(DataError, match=f"s3://{bucket}/in/ragged.csv: 2 of .* first at line 11"):
         flights.prepare(FlightsData(), fs, f"s3://{bucket}/in/ragged.csv", storage.fs, storage.root)
     assert _s3_listing(storage.fs, storage.root) == []
+
+
+def test_read_canonical_parts_hands_each_file_over_and_raises_for_the_source_after_the_last(tmp_path):
+    """Batch scoring's reader: one call per file, in file order, the same rows as read whole; the bad-row
+    check of the whole source still raises (after the files were handed over: the caller writes nothing)."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    with zipfile.ZipFile(flights.default_source()) as z, z.open("flights.csv") as f:
+        nyc = pd.read_csv(f, nrows=400)
+    nyc.iloc[:150].to_csv(folder / "a.csv", index=False)
+    nyc.iloc[150:].to_csv(folder / "b.csv", index=False)
+    asa_csv(folder / "c.csv")  # another schema in the same folder
+    parts: list[pd.DataFrame] = []
+
+    schema = flights.read_canonical_parts(None, str(folder), parts.append)
+
+    whole, whole_schema = flights.read_canonical(None, str(folder))
+    assert schema == whole_schema == "asa+nycflights13"
+    assert [len(p) for p in parts] == [150, 250, len(ASA_LINES[1::20])]
+    joined = pd.concat([p.astype({c: str for c in flights.CATEGORICAL}) for p in parts], ignore_index=True)
+    pd.testing.assert_frame_equal(joined, whole.astype({c: str for c in flights.CATEGORICAL}))
+
+    (folder / "d.csv").write_text(ASA_LINES[0] + "\n" + "2008,1,x\n" * 200)  # too few columns: malformed
+    handed: list[int] = []
+    with pytest.raises(DataError, match="malformed"):
+        flights.read_canonical_parts(None, str(folder), lambda part: handed.append(len(part)))
+    assert handed == [150, 250, len(ASA_LINES[1::20])]

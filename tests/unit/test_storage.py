@@ -54,3 +54,27 @@ def test_unreachable_s3_endpoint_is_a_retryable_error_not_a_new_id(s3_settings):
     unreachable = s3_settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{free_port()}"})
     with pytest.raises(ServiceUnavailable, match="id marker cannot be read or written"):
         _unchecked(unreachable).instance_id()
+
+
+def test_predictions_reach_s3_whole_or_not_at_all(s3_settings, tmp_path):
+    """Batch scoring's last step: the finished local file is copied beside its target, then moved; a
+    copy that fails leaves neither the target nor the temporary object, and says where in one line."""
+    import pyarrow.fs as pafs
+
+    from tasks.scoring import _publish
+    from tasks.workloads import Context
+
+    ctx = Context.build(s3_settings)
+    local = tmp_path / "p.parquet"
+    local.write_bytes(b"PAR1" + b"x" * 100_000)
+    target = ctx.storage.path("predictions", "m-v1", "abc.parquet")
+    _publish(local, ctx, target)
+    folder = ctx.storage.path("predictions", "m-v1")
+    listed = ctx.storage.fs.get_file_info(pafs.FileSelector(folder))
+    assert [(i.base_name, i.size) for i in listed] == [("abc.parquet", 100_004)]
+
+    unreachable = s3_settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{free_port()}"})
+    gone = Context(settings=unreachable, storage=_unchecked(unreachable))
+    with pytest.raises(ServiceUnavailable, match=r"s3://.*/predictions/m-v1/def\.parquet: cannot write the predictions"):
+        _publish(local, gone, gone.storage.path("predictions", "m-v1", "def.parquet"))
+    assert [i.base_name for i in ctx.storage.fs.get_file_info(pafs.FileSelector(folder))] == ["abc.parquet"]

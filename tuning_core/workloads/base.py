@@ -302,8 +302,12 @@ class Workload(ABC):
         ``test``: the split, whole or in parts (``load_parts``; see ``parts``)."""
 
     # ---------------------------------------------------------------- batch scoring
-    def read_for_scoring(self, source: DataSource, source_fs: pafs.FileSystem) -> tuple[pd.DataFrame, str]:
-        """Rows to score as a consumer would send them, and the detected schema name."""
+    def rows_to_score(self, source: DataSource, source_fs: pafs.FileSystem,
+                      consume: Callable[[pd.DataFrame], None]) -> str:
+        """Hand ``consume`` the rows of ``source`` to score, as a consumer would send them, a part at a time
+        (whatever the workload can read without holding the rest: one file's rows, or the whole table);
+        returns the detected schema name. Raises before returning when the source as a whole cannot be
+        scored (too many malformed rows): callers keep what they were handed aside until then."""
         raise ConfigError(f"batch scoring: the {self.name} workload does not score tables of rows")
 
     def scored(self, rows: pd.DataFrame, predictions: Any) -> tuple[pd.DataFrame, dict[str, Any]]:

@@ -185,11 +185,11 @@ class Flights(Workload):
         return binary_metrics(np.concatenate(labels), np.concatenate(predicted))
 
     # ---------------------------------------------------------------- batch scoring
-    def read_for_scoring(self, source: DataSource, source_fs: pafs.FileSystem) -> tuple[pd.DataFrame, str]:
+    def rows_to_score(self, source: DataSource, source_fs: pafs.FileSystem,
+                      consume: Callable[[pd.DataFrame], None]) -> str:
         from tuning_core.data import flights
 
-        frame, schema = flights.read_canonical(source_fs, source.path)
-        return plain_features(frame), schema
+        return flights.read_canonical_parts(source_fs, source.path, lambda frame: consume(plain_features(frame)))
 
     def scored(self, rows: pd.DataFrame, predictions: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
         out, _ = super().scored(rows, predictions)

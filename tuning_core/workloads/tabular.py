@@ -353,11 +353,12 @@ class Tabular(Workload):
         return evaluate(manifest, np.concatenate(labels), np.concatenate(predicted))
 
     # ---------------------------------------------------------------- batch scoring
-    def read_for_scoring(self, source: DataSource, source_fs: pafs.FileSystem) -> tuple[pd.DataFrame, str]:
+    def rows_to_score(self, source: DataSource, source_fs: pafs.FileSystem,
+                      consume: Callable[[pd.DataFrame], None]) -> str:
         from tuning_core.data import tabular
 
-        table = tabular.read_table(source_fs, source)
-        return table.to_pandas(), "tabular"
+        consume(tabular.read_table(source_fs, source).to_pandas())  # one table, read whole (dtypes of the whole)
+        return "tabular"
 
 
 def evaluate(manifest: dict[str, Any], y: Any, pred: Any) -> dict[str, float]:

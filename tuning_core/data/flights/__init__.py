@@ -48,7 +48,7 @@ The package, one module per job, in the order a run meets them:
 from tuning_core.data.flight_features import CATEGORICAL, FEATURES, SCHEMAS
 from tuning_core.data.flights.convert import DROP_REASONS, LABEL, LEAKY_COLUMNS
 from tuning_core.data.flights.detect import HEADERLESS
-from tuning_core.data.flights.features import load_split, read_canonical, to_features
+from tuning_core.data.flights.features import load_split, read_canonical, read_canonical_parts, to_features
 from tuning_core.data.flights.read import check_source
 from tuning_core.data.flights.sources import CSV_SUFFIXES, default_source
 from tuning_core.data.flights.split import SPLITS
@@ -73,5 +73,6 @@ __all__ = [
     "load_split",
     "prepare",
     "read_canonical",
+    "read_canonical_parts",
     "to_features",
 ]

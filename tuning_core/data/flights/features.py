@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -74,11 +75,26 @@ def read_canonical(source_fs: pafs.FileSystem | None, source_path: str) -> tuple
         The FEATURES columns (categoricals as pandas 'category' of the values present) and the
         detected schema name.
     """
+    read = _read_raw(source_fs, source_path, None)
+    return read.table.select(FEATURES).to_pandas(), "+".join(sorted(set(read.schemas)))
+
+
+def read_canonical_parts(source_fs: pafs.FileSystem | None, source_path: str,
+                         consume: Callable[[pd.DataFrame], None]) -> str:
+    """``read_canonical`` one file at a time (batch scoring with one file held): ``consume`` gets each
+    file's canonical feature rows, in input order, as they are read; returns the detected schema name.
+    The checks that need every file (too many malformed rows, no row at all) raise after the last one, so
+    a caller writing what it is handed keeps it aside until this returns."""
+    read = _read_raw(source_fs, source_path, lambda table: consume(table.select(FEATURES).to_pandas()))
+    return "+".join(sorted(set(read.schemas)))
+
+
+def _read_raw(source_fs: pafs.FileSystem | None, source_path: str,
+              consume: Callable[[Any], None] | None) -> Any:
     fs = source_fs or pafs.LocalFileSystem()
     path = source_path.removeprefix("s3://").strip("/") if is_s3(fs) else os.path.abspath(source_path)
-    read = read_source(fs, path, cfg=None)
+    read = read_source(fs, path, cfg=None, consume=consume)
     if read.dropped.get("missing_schedule"):
         logger.warning("%s: %d rows without a valid date or scheduled time dropped",
                        uri_of(fs, path), read.dropped["missing_schedule"])
-    df = read.table.select(FEATURES).to_pandas()
-    return df, "+".join(sorted(set(read.schemas)))
+    return read

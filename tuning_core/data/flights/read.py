@@ -13,7 +13,7 @@ import sys
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,33 +209,44 @@ def _header_only(src: str) -> DataError:
 
 
 def read_source(fs: pafs.FileSystem, path: str, cfg: FlightsData | None,
-                ray_fs: pafs.FileSystem | None = None, spill_to: Path | None = None) -> ReadResult:
+                ray_fs: pafs.FileSystem | None = None, spill_to: Path | None = None,
+                consume: Callable[[pa.Table], None] | None = None) -> ReadResult:
     """Read every file of a source into one canonical table; all input errors surface here.
 
     The files are read by the engine ``cfg.engine`` chooses (``engines``), each into its canonical rows,
     and combined in the order of ``resolve_files``: the result is the same whichever engine read them.
     ``ray_fs``: what Ray tasks read ``fs``'s files with (see ``engines.read_files``). ``spill_to``: a
     folder where more than ``ordered.SPILL_ROWS`` canonical rows go (``ordered.Spill``) instead of memory.
+    ``consume``: takes each file's rows instead of the result (``combine``).
     """
     from tuning_core.data.flights.engines import read_files  # engines imports this module's read_file
 
     files = resolve_files(fs, path)
     engine, reads = read_files(fs, files, cfg, ray_fs)
-    return combine(fs, path, reads, cfg, engine, spill_to)
+    return combine(fs, path, reads, cfg, engine, spill_to, consume)
 
 
 def combine(fs: pafs.FileSystem, path: str, reads: Iterable[FileRead], cfg: FlightsData | None,
-            engine: str = "local", spill_to: Path | None = None) -> ReadResult:
+            engine: str = "local", spill_to: Path | None = None,
+            consume: Callable[[pa.Table], None] | None = None) -> ReadResult:
     """The files' reads, in file order, as one table (or spilled to ``spill_to`` once they hold more than
-    ``ordered.SPILL_ROWS`` rows), with the source-wide bad-row check."""
+    ``ordered.SPILL_ROWS`` rows), with the source-wide bad-row check.
+
+    ``consume``: handed each file's rows as they come instead (batch scoring: one file held at a time); the
+    result then has no table, and the checks that need the whole source raise after the last file.
+    """
     src = uri_of(fs, path)
     out = ReadResult(table=pa.table({}), engine=engine)
     tables: list[pa.Table] = []
-    held = 0
+    held = kept = 0
     for read in reads:
-        if read.table is not None:
+        if read.table is not None and consume is not None:
+            kept += read.table.num_rows
+            consume(read.table)
+        elif read.table is not None:
             tables.append(read.table)
             held += read.table.num_rows
+            kept += read.table.num_rows
             if spill_to is not None and (out.spill is not None or held > ordered.SPILL_ROWS):
                 out.spill = out.spill or ordered.Spill(spill_to)
                 for table in tables:
@@ -255,10 +266,12 @@ def combine(fs: pafs.FileSystem, path: str, reads: Iterable[FileRead], cfg: Flig
                        _bad_row_text(first))
     if out.rows_read == 0:
         raise _header_only(src)
-    if not tables and out.spill is None:
+    if not kept:
         reasons = ", ".join(f"{k}={v}" for k, v in out.dropped.items() if v)
         raise DataError(f"{src}: no rows left after filtering ({out.rows_read} read; dropped {reasons})")
-    if out.spill is not None:
+    if consume is not None:
+        out.table = None
+    elif out.spill is not None:
         out.table = None
         logger.info("%s: %d canonical rows spilled to %s in buckets", src, out.spill.rows, spill_to)
     else:  # zero-copy concatenation: the chunks are only copied once, when prepare orders the rows
