@@ -207,7 +207,13 @@ def _stop_prefect_api(thread: Any) -> None:
     thread.join(timeout=60)
     server = sys.modules.get("prefect.server.api.server")
     if server is not None:
-        server.SubprocessASGIServer().stop()
+        # Its "Stopping temporary server" line may meet a log stream already closed at exit (an in-process
+        # CliRunner under pytest): logging then prints a traceback for a line nobody reads.
+        raising, logging.raiseExceptions = logging.raiseExceptions, False
+        try:
+            server.SubprocessASGIServer().stop()
+        finally:
+            logging.raiseExceptions = raising
 
 
 # The ephemeral API's start-up thread, begun before the flow modules are even imported.

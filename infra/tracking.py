@@ -8,6 +8,7 @@ versions by source run. Nothing here logs secrets: params come from configs, tag
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -301,7 +302,8 @@ class Tracker:
             version = str(max(int(v.version) for v in existing))
             log.info("model %s version %s already registered for run %s", name, version, run_id)
         else:
-            version = str(mlflow.register_model(model_uri, name, tags=_strtags(tags)).version)
+            with _notices_to_log():
+                version = str(mlflow.register_model(model_uri, name, tags=_strtags(tags)).version)
         return version
 
     def gate(self, name: str, version: str, challenger_value: float, metric: str, mode: str, margin: float,
@@ -402,6 +404,24 @@ def _score_on_same_data(champion: Any, challenger: Any, metric: str) -> float | 
         return float(value)
     except ValueError:
         return None
+
+
+@contextlib.contextmanager
+def _notices_to_log() -> Iterator[None]:
+    """MLflow's ``register_model`` prints its notices to stderr ("Registered model 'x' already exists.
+    Creating a new version of this model...", "Created version '3' of model 'x'.") whatever the log level:
+    on every run, between the CLI's own lines, which say the version already. They go to this log (INFO)."""
+    from mlflow.tracking._model_registry import fluent
+
+    printed = getattr(fluent, "eprint", None)
+    if printed is None:  # pragma: no cover - another MLflow: its notices stay as they are
+        yield
+        return
+    fluent.eprint = lambda *args, **kwargs: log.info("mlflow: %s", " ".join(str(a) for a in args))
+    try:
+        yield
+    finally:
+        fluent.eprint = printed
 
 
 def database_error_line(err: BaseException) -> str | None:

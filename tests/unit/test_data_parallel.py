@@ -131,7 +131,7 @@ def test_pbt_exploits_and_workers_continue_from_the_cloned_checkpoint(ray_local,
     # 2 workers x 0.5 CPU: both trials fit the 2 CPUs side by side, as PBT's population must.
     # Paused trials' Train runs must free their CPUs (distributed.stopped_run_releaser): without it the
     # run stalled after the first exploits, a paused trial waiting for CPUs forever.
-    cfg = dp_cfg(scheduler="pbt", num_samples=2, max_iterations=6, checkpoint_every=2,
+    cfg = dp_cfg(scheduler="pbt", num_samples=2, max_iterations=4, checkpoint_every=2,
                  resources={"workers_per_trial": 2, "cpu_per_worker": 0.5},
                  scheduler_options={"perturbation_interval": 2, "quantile_fraction": 0.5, "synch": True})
     trainable, data = tune_inputs(version, cfg)
@@ -140,11 +140,11 @@ def test_pbt_exploits_and_workers_continue_from_the_cloned_checkpoint(ray_local,
     exploits = [json.loads(line) for line in (exp_dir / "pbt_global.txt").read_text().splitlines()]
     assert exploits
     for t in result.trials:
-        assert t.status == "TERMINATED" and t.iterations == 6
-        assert [h["training_iteration"] for h in t.history] == list(range(1, 7))
+        assert t.status == "TERMINATED" and t.iterations == 4
+        assert [h["training_iteration"] for h in t.history] == list(range(1, 5))
         # An exploiting trial's workers continue from the clone's booster: rounds keep pace with iterations.
         ckpts = sorted((exp_dir / f"trial_{t.trial_id}").glob("checkpoint_*"))
-        assert xgb.Booster(model_file=str(ckpts[-1] / MODEL_FILE)).num_boosted_rounds() == 6
+        assert xgb.Booster(model_file=str(ckpts[-1] / MODEL_FILE)).num_boosted_rounds() == 4
 
 
 def test_pbt_that_cannot_run_two_trials_side_by_side_is_refused(ray_local, version, tmp_path):

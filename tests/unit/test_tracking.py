@@ -474,10 +474,14 @@ def test_a_model_loaded_for_scoring_leaves_no_copy_behind(tracker, sample, boost
 
 
 # ----------------------------------------------------------------------------- idempotency
-def test_register_and_gate_again_for_the_same_run_change_nothing(tracker, sample, boosters):
+def test_register_and_gate_again_for_the_same_run_change_nothing(tracker, sample, boosters, capfd):
     name = "flights-delay"
     run_id, uri = log_model(tracker, sample, boosters["strong"], "retrain")
+    capfd.readouterr()
     v_first = tracker.register(name, run_id, uri, {"data_version": sample.version})
+    # MLflow's notices ("Registered model ... already exists", "Created version ...") are not printed.
+    printed = capfd.readouterr().err
+    assert "already exists" not in printed and "Created version" not in printed, printed
     first = tracker.gate(name, v_first, 0.7, "auc", "max", 0.0, score(sample))
     tags_first = tracker.client.get_model_version(name, v_first).tags
 
