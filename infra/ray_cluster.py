@@ -104,6 +104,24 @@ class _NotMainThread(logging.Filter):
         return "current thread is not the main thread" not in record.getMessage()
 
 
+class _TokenAuthOn(logging.Filter):
+    """Drop Ray's note, printed on every start of a local Ray, that token authentication is on (the first
+    line a user saw of each run). Asking for it with RAY_AUTH_MODE=token would silence it too, but then the
+    driver's first call to its own GCS was refused ("InvalidAuthToken"). Its warning that authentication is
+    *off* still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled" not in record.getMessage()
+
+
+def _quiet_local_start() -> None:
+    for name, note in (("ray._private.worker", _NotMainThread),
+                       ("ray._private.authentication.authentication_token_setup", _TokenAuthOn)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, note) for f in logger.filters):
+            logger.addFilter(note())
+
+
 # The local Ray started ahead of the tune stage (``start_in_background``): whether it is ours, and
 # the events of the thread that started it.
 _AHEAD: dict[str, Any] = {}
@@ -127,7 +145,7 @@ def start_in_background(settings: Settings) -> None:
             signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         # What ray.init does on the main thread: SIGTERM exits through atexit, which stops the local Ray.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
-    logging.getLogger("ray._private.worker").addFilter(_NotMainThread())
+    _quiet_local_start()
     ready, done = threading.Event(), threading.Event()
 
     def start() -> None:
@@ -244,6 +262,7 @@ def ray_session(settings: Settings, storage: Storage, num_cpus: int | None = Non
         where = settings.ray_address
         started = True  # our connection, not the cluster: shutdown() only disconnects this driver
     else:
+        _quiet_local_start()
         ray.init(**_local_init_args(settings, num_cpus))
         where = "local"
         started = True

@@ -93,3 +93,24 @@ def test_a_ray_address_where_nothing_listens_is_one_line_before_anything_starts(
             check_local_resources(Settings(ray_address=given), cpu=1, gpu=0)
         assert str(err.value) == (f"RAY_ADDRESS {given}: no Ray cluster answers there (Connection refused); start it, "
                                   "or unset RAY_ADDRESS to tune on a local Ray")
+
+
+def test_the_local_start_drops_rays_token_auth_enabled_note_but_not_its_auth_off_warning(caplog):
+    """Ray printed "Token authentication is enabled for this Ray cluster..." as the first line of every run."""
+    import logging
+
+    from ray._private.authentication import authentication_token_setup as auth
+
+    from infra.ray_cluster import _quiet_local_start
+
+    _quiet_local_start()
+    _quiet_local_start()  # once is enough: no second filter
+    auth.logger.addHandler(caplog.handler)  # Ray's loggers do not propagate to the root's
+    try:
+        with caplog.at_level(logging.WARNING, logger=auth.logger.name):
+            auth._warn_token_auth_enabled()
+            auth._warn_token_auth_disabled()
+    finally:
+        auth.logger.removeHandler(caplog.handler)
+    assert [r.getMessage()[:40] for r in caplog.records] == ["Token authentication is disabled for thi"]
+    assert len(auth.logger.filters) == len({type(f) for f in auth.logger.filters})
