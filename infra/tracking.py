@@ -92,6 +92,7 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self._experiments: dict[str, str] = {}  # parent run id -> its experiment id
 
     # ---------------------------------------------------------------- runs
     def check(self) -> None:
@@ -159,8 +160,9 @@ class Tracker:
 
     def child_run(self, parent_id: str, key_tag: str, key: str, run_name: str) -> tuple[str, bool]:
         """A child run of ``parent_id`` identified by ``key_tag = key``: (run_id, existed)."""
-        parent = self.client.get_run(parent_id)
-        exp_id = parent.info.experiment_id
+        exp_id = self._experiments.get(parent_id)  # one lookup per parent, not per trial
+        if exp_id is None:
+            exp_id = self._experiments[parent_id] = self.client.get_run(parent_id).info.experiment_id
         flt = f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{key_tag}` = '{key}'"
         found = self.client.search_runs([exp_id], flt, max_results=1)
         if found:
@@ -191,13 +193,14 @@ class Tracker:
 
         mutated = mutated or []
         run_id, existed = self.child_run(parent_id, TAG_TRIAL, t.trial_id, f"trial-{t.trial_id}")
-        run = self.client.get_run(run_id)
-        if existed and run.data.metrics.get("training_iteration") == t.iterations \
+        # A run just created holds nothing yet: read back only one that existed.
+        run = self.client.get_run(run_id) if existed else None
+        if run is not None and run.data.metrics.get("training_iteration") == t.iterations \
                 and run.info.status == "FINISHED":
             return False  # unchanged since last time (resumed / re-run pipeline)
         first = t.history[0] if t.history else {}
         params = {k: (first.get(f"config/{k}", v) if k in mutated else v) for k, v in t.config.items()}
-        have = run.data.params
+        have = run.data.params if run is not None else {}
         new_params = [Param(k, _param(v)) for k, v in params.items() if k not in have]
         metrics = []
         for h in t.history:
@@ -213,7 +216,7 @@ class Tracker:
         metrics.append(Metric("training_iteration", float(t.iterations), 0, t.iterations))
         if t.best_metric is not None:
             metrics.append(Metric(f"best_{metric}", float(t.best_metric), 0, t.iterations))
-        if existed:  # rewrite history only from the steps not logged before
+        if run is not None:  # rewrite history only from the steps not logged before
             last = int(run.data.metrics.get("training_iteration", 0))
             metrics = [m for m in metrics if m.step > last]
         tags = {"status": t.status, "tunepipe.experiment": experiment_name}

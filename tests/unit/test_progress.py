@@ -40,3 +40,17 @@ def test_a_failing_sender_does_not_stop_later_updates():
     sender.put(2)
     sender.close()
     assert sent == [2]
+
+
+def test_sends_are_spaced_by_the_interval_and_close_sends_the_last_at_once():
+    sent: list[tuple[int, float]] = []
+    sender = LatestValue(lambda value: sent.append((value, time.monotonic())), min_interval_s=0.4)
+    for value in range(1, 21):  # a trial finishing every 50 ms for a second
+        sender.put(value)
+        time.sleep(0.05)
+    closing = time.monotonic()
+    sender.close()
+    assert time.monotonic() - closing < 0.2  # the pending value did not wait out the interval
+    values, times = [v for v, _ in sent], [t for _, t in sent]
+    assert values[-1] == 20 and values == sorted(values) and 2 <= len(values) <= 5, values
+    assert all(b - a >= 0.39 for a, b in zip(times[:-2], times[1:-1], strict=True)), times
