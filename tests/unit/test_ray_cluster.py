@@ -95,7 +95,7 @@ def test_a_ray_address_where_nothing_listens_is_one_line_before_anything_starts(
                                   "or unset RAY_ADDRESS to tune on a local Ray")
 
 
-def test_the_local_start_drops_rays_token_auth_enabled_note_but_not_its_auth_off_warning(caplog):
+def test_the_local_start_drops_rays_token_auth_enabled_note_but_not_its_auth_off_warning():
     """Ray printed "Token authentication is enabled for this Ray cluster..." as the first line of every run."""
     import logging
 
@@ -103,14 +103,24 @@ def test_the_local_start_drops_rays_token_auth_enabled_note_but_not_its_auth_off
 
     from infra.ray_cluster import _quiet_local_start
 
+    class Kept(logging.Handler):  # on Ray's logger itself: whether it propagates depends on who set Ray up
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage()[:40])
+
     _quiet_local_start()
     _quiet_local_start()  # once is enough: no second filter
-    auth.logger.addHandler(caplog.handler)  # Ray's loggers do not propagate to the root's
+    kept, level = Kept(), auth.logger.level
+    auth.logger.addHandler(kept)
+    auth.logger.setLevel(logging.WARNING)
     try:
-        with caplog.at_level(logging.WARNING, logger=auth.logger.name):
-            auth._warn_token_auth_enabled()
-            auth._warn_token_auth_disabled()
+        auth._warn_token_auth_enabled()
+        auth._warn_token_auth_disabled()
     finally:
-        auth.logger.removeHandler(caplog.handler)
-    assert [r.getMessage()[:40] for r in caplog.records] == ["Token authentication is disabled for thi"]
+        auth.logger.removeHandler(kept)
+        auth.logger.setLevel(level)
+    assert kept.messages == ["Token authentication is disabled for thi"]
     assert len(auth.logger.filters) == len({type(f) for f in auth.logger.filters})
