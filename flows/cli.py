@@ -241,9 +241,15 @@ def _run(flow_fn: Any, cfg: Any, summary_json: Path | None, check: bool = False)
 
     api = None if check else _API.pop("thread", None) or _start_prefect_api()
     ctx = workloads.Context.build(get_settings())
-    cfg = workloads.preflight(cfg, ctx)  # bad input: exit 2 before any write; completed from the data
-    if not check:
-        workloads.warm_up(ctx.settings)
+    try:
+        # Bad input: exit 2 before any write; completed from the data; the local Ray starts once the
+        # config and data have passed, and is stopped again if the tracking check fails.
+        cfg = workloads.preflight(cfg, ctx, warm=not check)
+    except BaseException:
+        from infra.ray_cluster import stop_started_ahead
+
+        stop_started_ahead()
+        raise
     if check:
         from infra.storage import redact
 

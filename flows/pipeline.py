@@ -44,7 +44,7 @@ def rename_run(cfg: Pipeline, version: str) -> None:
 
 
 def run_pipeline(cfg: Pipeline) -> dict[str, Any]:
-    warm_up()  # the local Ray comes up while preflight and data preparation run
+    warm_up(cfg=cfg)  # the local Ray comes up while preflight and data preparation run
     run = stages.for_run()  # the stage tasks with the retry delays of this run's settings
     clock = StageClock()
     with clock("preflight_s"):

@@ -83,17 +83,102 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _local_init_args(settings: Settings, num_cpus: int | None = None) -> dict[str, Any]:
+def _local_init_args(settings: Settings, num_cpus: int | None = None,
+                     preload: tuple[str, ...] = ()) -> dict[str, Any]:
     """``ray.init`` arguments of the embedded default's local Ray.
 
     ``address="local"`` always starts a Ray of our own: a plain ``ray.init()`` would try to join
     whatever cluster ``/tmp/ray/ray_current_cluster`` names, and a file left there by a dead
     cluster made it fail ("When connecting to an existing cluster, num_cpus and num_gpus must
     not be provided").
+
+    No ``runtime_env``: the workers inherit the environment instead (``_init_local``), because Ray
+    hands a task or actor only a worker started with the same runtime env, and those it pre-starts
+    with the node have none. ``preload``: modules every Python worker imports when it starts, before
+    it takes work (Ray's ``preload_python_modules``): the pre-started workers import the trainable's
+    libraries while the driver runs preflight and data preparation, not once the trials are due.
     """
-    return dict(address="local", num_cpus=num_cpus or settings.ray_num_cpus or os.cpu_count(),
-                include_dashboard=False, runtime_env={"env_vars": _storage_env(settings)},
-                log_to_driver=False, configure_logging=False)
+    args: dict[str, Any] = dict(address="local", num_cpus=num_cpus or settings.ray_num_cpus or os.cpu_count(),
+                                include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if preload:
+        args["_system_config"] = {"preload_python_modules": list(preload)}
+    return args
+
+
+# Ray Tune gives every trial actor a runtime_env of its own (``ray.tune.execution.class_cache``:
+# env_vars PL_DISABLE_FORK=1, plus the AWS keys and Train settings found in the driver's environment),
+# so Ray never hands a trial one of the workers it pre-started: each trial actor was a new Python
+# process importing Ray, pandas and xgboost from scratch after the trials were due (~2.5 s of a 6-s
+# tune stage on 2 cores, measured in benchmarks/peer.py). On our local Ray the workers inherit the
+# driver's environment, Tune's defaults included, so its env_vars change nothing there.
+_TUNE_ACTOR_ENV = {"PL_DISABLE_FORK": "1"}
+# The environment the running local Ray of ours was started with (its workers inherit it); empty otherwise.
+_LOCAL_ENV: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def _environ(extra: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``extra`` for the duration (the local Ray's processes inherit it at start)."""
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _init_local(settings: Settings, num_cpus: int | None = None, preload: tuple[str, ...] = ()) -> None:
+    """Start the embedded default's local Ray: the S3 settings and Tune's actor env reach every worker
+    through the environment its raylet inherits (held by the local processes, never written anywhere)."""
+    import ray
+
+    with _environ({**_TUNE_ACTOR_ENV, **_storage_env(settings)}):
+        ray.init(**_local_init_args(settings, num_cpus, preload))
+        _LOCAL_ENV.clear()
+        _LOCAL_ENV.update(os.environ)
+    _trial_actors_on_prestarted_workers()
+
+
+def _tune_actor_env() -> dict[str, str]:
+    """The env_vars Ray Tune would give a trial actor now (``_ActorClassCache.get``)."""
+    from ray.tune.execution import class_cache
+
+    env = dict(getattr(class_cache, "DEFAULT_ENV_VARS", _TUNE_ACTOR_ENV))
+    env.update({k: os.environ[k] for k in getattr(class_cache, "ENV_VARS_TO_PROPAGATE", ()) if k in os.environ})
+    return env
+
+
+def _trial_actors_on_prestarted_workers() -> None:
+    """Let Tune's trial actors run on Ray's pre-started workers when they would inherit the same env
+    anyway (see ``_TUNE_ACTOR_ENV``): while our local Ray runs and every env var Tune would set holds
+    the same value in the workers' inherited environment, the trainable is registered without a
+    runtime_env; otherwise, and on any other Ray, Tune's own registration. Hand-written because Tune
+    has no option for it; a Ray without the class leaves Tune's behaviour as it is."""
+    import ray
+
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:
+        return
+    cache = getattr(class_cache, "_ActorClassCache", None)
+    if cache is None or getattr(cache.get, "tunepipe", False):
+        return
+    tunes_own = cache.get
+
+    def get(self: Any, trainable_cls: Any) -> Any:
+        inherited = dict(_LOCAL_ENV)
+        if not inherited or any(inherited.get(k) != v for k, v in _tune_actor_env().items()):
+            return tunes_own(self, trainable_cls)
+        if trainable_cls not in self._cache:  # noqa: SLF001 - Tune's own cache, keyed as Tune keys it
+            self._cache[trainable_cls] = ray.remote(trainable_cls)  # noqa: SLF001
+        return self._cache[trainable_cls]  # noqa: SLF001
+
+    get.tunepipe = True  # type: ignore[attr-defined]
+    cache.get = get
 
 
 class _NotMainThread(logging.Filter):
@@ -127,7 +212,7 @@ def _quiet_local_start() -> None:
 _AHEAD: dict[str, Any] = {}
 
 
-def start_in_background(settings: Settings) -> None:
+def start_in_background(settings: Settings, preload: tuple[str, ...] = ()) -> None:
     """Start the embedded default's local Ray in a thread, so that it comes up while the caller
     does other work (imports, Prefect's API, preflight, data preparation): ``ray.init`` spends its
     ~2-3 s waiting on Ray's own processes. ``ray_session`` waits for it and owns it. Does nothing
@@ -153,7 +238,7 @@ def start_in_background(settings: Settings) -> None:
 
         try:
             if not ray.is_initialized():
-                ray.init(**_local_init_args(settings))
+                _init_local(settings, preload=preload)
                 _AHEAD["ours"] = True
         except Exception:  # noqa: BLE001 - ray_session starts Ray itself and reports the error there
             log.debug("starting Ray ahead of the tune stage failed", exc_info=True)
@@ -190,6 +275,26 @@ def _adopt_ray_started_ahead() -> threading.Event | None:
     return None
 
 
+def stop_started_ahead() -> None:
+    """Stop the local Ray that ``start_in_background`` started if no session has taken it over, and remove
+    its session folder: a run that fails its checks leaves no Ray processes or logs behind."""
+    if "ready" not in _AHEAD:
+        return
+    ahead = _adopt_ray_started_ahead()
+    if ahead is None:
+        return
+    import ray
+
+    session = _session_dir()
+    _LOCAL_ENV.clear()
+    try:
+        ray.shutdown()
+    finally:
+        ahead.set()
+    if session is not None:
+        _remove_session(session)
+
+
 def _session_dir() -> Path | None:
     """The running local Ray's session folder (its logs and sockets under /tmp/ray)."""
     import ray
@@ -218,6 +323,7 @@ def _shut_down_in_background(ahead: threading.Event | None, remove: Path | None 
 
     def stop() -> None:
         try:
+            _LOCAL_ENV.clear()
             ray.shutdown()
             if remove is not None:
                 _remove_session(remove)
@@ -263,7 +369,7 @@ def ray_session(settings: Settings, storage: Storage, num_cpus: int | None = Non
         started = True  # our connection, not the cluster: shutdown() only disconnects this driver
     else:
         _quiet_local_start()
-        ray.init(**_local_init_args(settings, num_cpus))
+        _init_local(settings, num_cpus)
         where = "local"
         started = True
     finished: Path | None = None  # the session folder to remove: set once the stage's body has succeeded

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import SimpleNamespace
 from typing import Any
 
@@ -114,11 +114,62 @@ def with_retry_policy(stage: Task, settings: Settings) -> Task:
     return stage.with_options(retry_delay_seconds=[u * settings.retry_delay_s for u in units] or 0)
 
 
+def note_tags_without_limits(tags: Iterable[str]) -> bool:
+    """Tell Prefect's client, right before a task with ``tags`` starts, that no concurrency limit
+    exists on them, when a read of the API's limits says so; returns whether it did.
+
+    A task run with tags asks the API for a slot on each tag (``increment-with-lease``). That is a
+    write transaction even when no limit exists, and Prefect's SQLite store (the embedded default's
+    API) refuses it at once with "database is locked" whenever its own services are writing the
+    run's events: the client then waits ~2 s (its first retry) before the task starts. Seen once or
+    twice per ``tunepipe run``, 2-4 s of a ~15-s run. The client skips the request when its own
+    cache (5-s TTL) says the tags have no limits; this fills that cache from a read, which SQLite
+    never refuses. A limit on any of the tags (``prefect concurrency-limit create ray-tune 1``), a
+    failed read, or a Prefect without that cache leaves Prefect's own check to run as before.
+    Hand-written: Prefect has no setting for it (PrefectHQ/prefect#18934 on SQLite locking).
+    """
+    names = frozenset(f"tag:{t}" for t in tags)
+    try:
+        from prefect.concurrency import services
+
+        cache, lock = services._no_limits_cache, services._cache_lock  # noqa: SLF001 - see above
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            limits = client.read_global_concurrency_limits(limit=_LIMITS_READ)
+    except Exception:  # noqa: BLE001 - an optimisation only: Prefect's own check still runs
+        log.debug("could not read Prefect's concurrency limits", exc_info=True)
+        return False
+    if not names or len(limits) >= _LIMITS_READ or any(limit.name in names for limit in limits):
+        return False
+    with lock:
+        cache[names] = True
+    return True
+
+
+_LIMITS_READ = 200  # more limits than this: not all were read, so nothing is assumed
+
+
+class _Stage:
+    """A stage task that notes its tags' absence of limits (``note_tags_without_limits``) right before
+    each call; otherwise the task itself."""
+
+    def __init__(self, task_: Task) -> None:
+        self.task = task_
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        note_tags_without_limits(self.task.tags)
+        return self.task(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.task, name)
+
+
 def for_run(settings: Settings | None = None) -> SimpleNamespace:
     """The stage tasks of this module (as they are now: a test may have replaced one) with the retry
     policy of ``settings``, by default the environment's, read now."""
     settings = settings or get_settings()
-    return SimpleNamespace(**{name: with_retry_policy(globals()[name], settings)
+    return SimpleNamespace(**{name: _Stage(with_retry_policy(globals()[name], settings))
                               for name in ("preflight", "champion_config", "prepare_data", "tune", "retrain_best",
                                            "evaluate_and_register", "report")})
 

@@ -100,13 +100,15 @@ def mlflow_experiment(cfg: Pipeline) -> str:
     return f"tunepipe-{cfg.workload}"
 
 
-def warm_up(settings: Settings | None = None) -> None:
+def warm_up(settings: Settings | None = None, cfg: Pipeline | None = None) -> None:
     """Start what the tune stage needs ahead of it: the embedded default's local Ray comes up in
-    the background while preflight and data preparation run (no-op on a cluster)."""
+    the background while preflight and data preparation run (no-op on a cluster), its workers
+    importing ``cfg``'s trainable libraries (``Workload.worker_preload``)."""
     from infra.ray_cluster import start_in_background
     from infra.settings import get_settings
 
-    start_in_background(settings or get_settings())
+    preload = workload_of(cfg).worker_preload if cfg is not None else ()
+    start_in_background(settings or get_settings(), preload=preload)
 
 
 class StageClock:
@@ -128,9 +130,14 @@ class StageClock:
         return {**self.timings, "total_s": time.monotonic() - self.started}
 
 
-def preflight(cfg: Pipeline, ctx: Context) -> Pipeline:
+def preflight(cfg: Pipeline, ctx: Context, warm: bool = False) -> Pipeline:
     """Everything that can be checked before a byte is written: space, names, data source, tracking,
-    storage. Returns the config completed from the data (``Workload.resolve``; unchanged for most)."""
+    storage. Returns the config completed from the data (``Workload.resolve``; unchanged for most).
+
+    ``warm``: once the config, space and data source have passed (what bad input gets wrong), start
+    the local Ray in the background (``warm_up``), so that its ~3 s of start-up overlap the tracking
+    check (MLflow's imports and store, ~1 s) and all that follows before the tune stage. A failing
+    tracking check then stops it again (``infra.ray_cluster.stop_started_ahead``, the caller's)."""
     workload = workload_of(cfg)
     workload.check_installed()
     source, source_fs = ctx.source(cfg)
@@ -149,6 +156,8 @@ def preflight(cfg: Pipeline, ctx: Context) -> Pipeline:
     cpu, gpu = (res.workers_per_trial * res.cpu_per_worker, 0.0) if res.data_parallel else (res.cpu, res.gpu)
     check_local_resources(ctx.settings, cpu, gpu)
     workload.check_data(cfg, source, source_fs)
+    if warm:
+        warm_up(ctx.settings, cfg)
     ctx.tracker().check()
     return cfg
 

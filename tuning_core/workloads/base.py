@@ -204,6 +204,9 @@ class Workload(ABC):
     cli_options: ClassVar[tuple[CliOption, ...]] = ()
     # Optional extras: (module, the one-line error when it is missing).
     requires: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # Modules the workers of the embedded default's local Ray import as they start, ahead of the
+    # trials (``infra.ray_cluster._local_init_args``): the trainable's heavy libraries.
+    worker_preload: ClassVar[tuple[str, ...]] = ()
 
     # ---------------------------------------------------------------- config
     def space(self, cfg: PipelineConfig) -> SearchSpace:

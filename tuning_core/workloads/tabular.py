@@ -132,6 +132,7 @@ class Tabular(Workload):
     name = NAME
     config_model = TabularPipeline
     default_space = FLIGHTS_SPACE  # XGBoost's space; the objective comes from the task, not the space
+    worker_preload = ("tuning_core.trainables.xgboost_preload",)
     trial_metrics = tuple(dict.fromkeys(m for t in TASKS.values() for m in t.eval_metric))
     evaluated_metrics = tuple(dict.fromkeys((*BINARY_METRICS, *MULTICLASS_METRICS, *REGRESSION_METRICS)))
     title = "any CSV/Parquet table with a label column → XGBoost (binary, multiclass or regression)"
