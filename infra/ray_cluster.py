@@ -118,13 +118,16 @@ _LOCAL_ENV: dict[str, str] = {}
 
 @contextlib.contextmanager
 def _environ(extra: dict[str, str]) -> Iterator[None]:
-    """``os.environ`` with ``extra`` for the duration (the local Ray's processes inherit it at start)."""
+    """``os.environ`` with ``extra`` for the duration (the local Ray's processes inherit it at start).
+    A variable another thread has set meanwhile (this runs beside the CLI's checks) keeps that value."""
     saved = {k: os.environ.get(k) for k in extra}
     os.environ.update(extra)
     try:
         yield
     finally:
         for k, v in saved.items():
+            if os.environ.get(k) != extra[k]:
+                continue
             if v is None:
                 os.environ.pop(k, None)
             else:

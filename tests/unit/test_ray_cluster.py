@@ -41,20 +41,28 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def _run_child(tmp_path: Path, ahead: bool) -> subprocess.CompletedProcess:
-    # A short temp dir of Ray's own (socket paths are limited to ~107 characters), holding the file a
-    # SIGKILLed cluster leaves behind: its address, where nothing listens any more.
+def run_with_own_ray_tmp(code: str, env: dict[str, str] | None = None, drop: tuple[str, ...] = (),
+                         stale_cluster_file: bool = False) -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh process with a short temp dir of Ray's own (socket paths are limited
+    to ~107 characters), no RAY_ADDRESS (nor the names in ``drop``) and ``env`` on top. With
+    ``stale_cluster_file`` that dir holds the file a SIGKILLed cluster leaves behind: its address, where
+    nothing listens any more."""
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    Path(ray_tmp, "ray").mkdir()
-    Path(ray_tmp, "ray", "ray_current_cluster").write_text("127.0.0.1:1")
-    code = _CHILD.replace("STORAGE", repr(str(tmp_path / "store"))).replace("AHEAD", repr(ahead))
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp,
-           "RAY_USAGE_STATS_ENABLED": "0"}
+    if stale_cluster_file:
+        Path(ray_tmp, "ray").mkdir()
+        Path(ray_tmp, "ray", "ray_current_cluster").write_text("127.0.0.1:1")
+    full = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *drop)}, "RAY_TMPDIR": ray_tmp,
+            "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     try:
-        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full, capture_output=True, text=True,
                               timeout=180)
     finally:
         subprocess.run(["rm", "-rf", ray_tmp], check=False)
+
+
+def _run_child(tmp_path: Path, ahead: bool) -> subprocess.CompletedProcess:
+    code = _CHILD.replace("STORAGE", repr(str(tmp_path / "store"))).replace("AHEAD", repr(ahead))
+    return run_with_own_ray_tmp(code, stale_cluster_file=True)
 
 
 def test_embedded_default_starts_its_own_ray_despite_a_stale_cluster_file(tmp_path):
@@ -161,15 +169,8 @@ def test_trial_actors_can_take_the_prestarted_workers_with_the_trainables_import
     modules while the driver was busy elsewhere; the S3 settings still reach them (inherited, not through
     a runtime_env). Whether Ray then hands a trial a pre-started worker is Ray's choice (it mostly does:
     the last field; see benchmarks/peer.py), so only what makes it possible is asserted."""
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    code = _TRIALS_CHILD.replace("STORAGE", repr(str(tmp_path / "store")))
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "AWS_REQUEST_CHECKSUM_CALCULATION")},
-           "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
-    try:
-        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=180)
-    finally:
-        subprocess.run(["rm", "-rf", ray_tmp], check=False)
+    done = run_with_own_ray_tmp(_TRIALS_CHILD.replace("STORAGE", repr(str(tmp_path / "store"))),
+                                drop=("AWS_REQUEST_CHECKSUM_CALCULATION",))
     assert done.returncode == 0, done.stderr[-3000:]
     trials = [line.rsplit(" ", 1)[0] for line in done.stdout.splitlines() if line.startswith("trial")]
     assert trials == ["trial True when_required []"] * 2, done.stdout
@@ -222,14 +223,8 @@ def test_checks_that_fail_after_the_local_ray_started_leave_no_ray_behind(tmp_pa
     an unreachable tracking server then stops it again, processes and session folder both."""
     from tests.conftest import free_port
 
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp,
-           "RAY_USAGE_STATS_ENABLED": "0", "TUNEPIPE_STORAGE": str(tmp_path / "store"),
-           "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-    try:
-        done = subprocess.run([sys.executable, "-c", _FAILED_CHECKS_CHILD], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=180)
-    finally:
-        subprocess.run(["rm", "-rf", ray_tmp], check=False)
+    done = run_with_own_ray_tmp(_FAILED_CHECKS_CHILD, env={
+        "TUNEPIPE_STORAGE": str(tmp_path / "store"), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "failed: ServiceUnavailable" in done.stdout and "ray False sessions []" in done.stdout, done.stdout

@@ -3,14 +3,9 @@ session with one retryable line within seconds, and the next session starts a fr
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
 import textwrap
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.unit.test_ray_cluster import run_with_own_ray_tmp
 
 _CHILD = textwrap.dedent("""
     import os, signal, threading, time
@@ -44,15 +39,7 @@ _CHILD = textwrap.dedent("""
 
 
 def test_local_ray_node_killed_under_a_session_fails_it_retryably_and_a_fresh_one_starts(tmp_path):
-    ray_tmp = tempfile.mkdtemp(prefix="rw", dir="/tmp")  # Ray's socket paths must stay short
-    code = _CHILD.replace("STORAGE", repr(str(tmp_path / "store")))
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp,
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    try:
-        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=180)
-    finally:
-        subprocess.run(["rm", "-rf", ray_tmp], check=False)
+    done = run_with_own_ray_tmp(_CHILD.replace("STORAGE", repr(str(tmp_path / "store"))))
 
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
