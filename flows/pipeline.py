@@ -58,8 +58,9 @@ def run_pipeline(cfg: Pipeline) -> dict[str, Any]:
         rename_run(cfg, version.version)
     # One run at a time writes into an experiment (its name is known once the data version is).
     with stages.experiment_lease(cfg, version):
+        tune = run.tune if stages.experiment_on_storage(cfg, version) else run.tune.with_options(refresh_cache=True)
         with clock("tune_s"):
-            tuning = run.tune(cfg, version)
+            tuning = tune(cfg, version)
         with clock("retrain_s"):
             retrained = run.retrain_best(cfg, version, tuning)
         with clock("register_s"):

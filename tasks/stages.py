@@ -161,8 +161,22 @@ class _Stage:
         note_tags_without_limits(self.task.tags)
         return self.task(*args, **kwargs)
 
+    def with_options(self, **options: Any) -> _Stage:
+        return _Stage(self.task.with_options(**options))
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.task, name)
+
+
+def experiment_on_storage(cfg: wl.Pipeline, version: DataVersion) -> bool:
+    """Whether the tune stage's Ray experiment is on storage. Its cached result (keyed by the experiment's
+    name and the storage root) points into that folder: once someone has deleted it, the stage must run
+    again (``refresh_cache``) rather than hand on the URIs of deleted files."""
+    import pyarrow.fs as pafs
+
+    ctx = _ctx()
+    info = ctx.storage.fs.get_file_info(ctx.storage.path("ray", wl.experiment_for(cfg, version)))
+    return info.type != pafs.FileType.NotFound
 
 
 def for_run(settings: Settings | None = None) -> SimpleNamespace:

@@ -95,6 +95,16 @@ def test_flow_end_to_end_registers_champion_and_is_idempotent(env):
     trial_runs = [r for r in runs if "tunepipe.trial_id" in r.data.tags]
     assert len(trial_runs) == 3
 
+    # The Ray experiment deleted by hand: the tune stage's cached result points into it, so it runs again
+    # instead of handing on the URIs of deleted files.
+    import shutil
+
+    experiment = Path(summary["tuning"]["experiment_uri"])
+    shutil.rmtree(experiment)
+    third = flights_tuning(small_cfg())
+    assert third["tuning"]["experiment_uri"] == summary["tuning"]["experiment_uri"]
+    assert (experiment / "leaderboard.parquet").is_file() and not third["tuning"]["resumed"]
+
 
 def test_trial_child_runs_are_written_during_the_tuning_and_a_failed_write_is_redone(env, monkeypatch):
     """Each trial's MLflow child run is written as the trial finishes (not after the tuning); one that
