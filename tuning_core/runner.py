@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -205,7 +206,29 @@ def _file_loggers() -> list[Any]:
     """
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    return [CSVLoggerCallback(), JsonLoggerCallback()]
+    return [_keeping_local_history(CSVLoggerCallback)(), _keeping_local_history(JsonLoggerCallback)()]
+
+
+def _keeping_local_history(logger_cls: type) -> type:
+    """``logger_cls`` that, when a failed trial restarts from its checkpoint, keeps the history the
+    driver has written so far instead of replacing it with the copy on storage.
+
+    Ray's loggers copy ``result.json``/``progress.csv`` from storage over the driver's file whenever a
+    trial with a checkpoint starts (``LoggerCallback._restore_from_remote``). Within one ``Tuner.fit``
+    the driver's file is the one being written and storage only holds the copy made at the last
+    experiment snapshot: a trial killed a second after its first checkpoint lost every result before
+    the snapshot (its result.json began at round 30). A restored experiment runs in a new staging
+    folder, where no file exists yet, and still gets storage's copy. Overrides a private method: Ray
+    has no option for it.
+    """
+
+    class KeepingLocalHistory(logger_cls):  # type: ignore[misc,valid-type]
+        def _restore_from_remote(self, file_name: str, trial: Any) -> None:
+            if Path(trial.local_path, file_name).exists():
+                return
+            super()._restore_from_remote(file_name, trial)
+
+    return KeepingLocalHistory
 
 
 @contextlib.contextmanager

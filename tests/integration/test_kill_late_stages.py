@@ -77,11 +77,13 @@ def test_sigkill_during_retrain_then_rerun_registers_exactly_one_version(tmp_pat
         "Cached(type=COMPLETED)" in (tmp_path / "second.log").read_text(errors="replace")
 
 
-def _registry_rows(db: Path, model: str) -> tuple[list[int], dict[str, int]]:
-    """The model's versions and aliases as the MLflow SQLite store holds them right now (read-only)."""
+def _registry_rows(db: Path, model: str, mode: str = "ro") -> tuple[list[int], dict[str, int]]:
+    """The model's versions and aliases as the MLflow SQLite store holds them right now (read-only while
+    a run writes it; ``mode="rw"`` after a kill, when a hot journal left by the killed writer must be
+    rolled back first, as the next run's MLflow does: read-only that fails with "readonly database")."""
     import sqlite3
 
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as con:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode={mode}", uri=True, timeout=5)) as con:
         versions = [v for (v,) in con.execute("select version from model_versions where name = ?", (model,))]
         aliases = dict(con.execute("select alias, version from registered_model_aliases where name = ?", (model,)))
     return versions, aliases
@@ -102,7 +104,7 @@ def test_sigkill_during_registration_then_rerun_keeps_one_version_and_sets_the_c
         return False
 
     _kill_when(first, log, registered, poll_s=0.002)
-    assert _registry_rows(db, model) == ([1], {}), "the kill landed after the registration set the aliases"
+    assert _registry_rows(db, model, mode="rw") == ([1], {}), "the kill landed after the registration set the aliases"
 
     second = tmp_path / "second.log"
     again = _cli(storage, second, model)

@@ -132,6 +132,14 @@ def _leftovers(base: Path) -> list:
     return found
 
 
+def _driver_log_tail(base: Path, lines: int = 30) -> str:
+    """The end of the Ray core logs of the drivers that joined this cluster: when Ray's C++ side ends a
+    driver (a lost connection) it says why only there, not on the driver's stderr."""
+    logs = sorted(base.glob("r/session_*/logs/python-core-driver-*.log"), key=lambda p: p.stat().st_mtime)
+    return "".join(f"\n--- {log.name}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+                   for log in logs[-2:])
+
+
 def _still_running(procs: list, grace_s: float = 15) -> list:
     """Those of ``procs`` still running after ``grace_s``: a Ray worker may be in the middle of exiting
     when the nodes' stop returns (seen: one was a zombie by the time the failure was printed)."""
@@ -300,7 +308,7 @@ def test_data_parallel_pipeline_spreads_each_trial_over_both_nodes_each_worker_h
     run = subprocess.run([str(tunepipe), "run", "flights", "--data", data, "--config", str(config),
                           "--summary-json", str(summary_file)], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.returncode == 0, run.stderr[-4000:] + _driver_log_tail(two_nodes.logs)
     summary = json.loads(summary_file.read_text())
     assert summary["tuning"]["num_trials"] == 2 and summary["registry"]["version"] == "1"
 

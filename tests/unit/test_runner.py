@@ -272,6 +272,49 @@ def test_trial_failing_beyond_max_failures_is_reported_not_hidden(ray_local, dat
     assert "\n" not in msg and "\x1b" not in msg
 
 
+class _RestartedTrial:
+    """What Ray's file loggers read of a trial that restarts from its checkpoint after a failure."""
+
+    def __init__(self, staging: Path, storage: Path) -> None:
+        self.config, self.local_path, self.checkpoint = {"eta": 0.1}, str(staging), object()
+        self.storage = type("Storage", (), {"trial_fs_path": str(storage), "storage_filesystem": LOCAL})()
+        self.init_local_path()
+
+    def init_local_path(self) -> None:
+        Path(self.local_path).mkdir(parents=True, exist_ok=True)
+
+
+def _restart_and_log(logger: Any, trial: _RestartedTrial, iteration: int) -> list[int]:
+    logger.log_trial_start(trial)
+    logger.log_trial_result(iteration, trial, {"training_iteration": iteration})
+    logger.log_trial_end(trial)
+    return [json.loads(ln)["training_iteration"] for ln in (Path(trial.local_path) / "result.json").open()]
+
+
+def test_a_trial_restarted_from_its_checkpoint_keeps_the_results_the_driver_logged_before(tmp_path):
+    from ray.tune.logger import JsonLoggerCallback
+
+    from tuning_core.runner import _file_loggers
+
+    def restarted(where: str) -> _RestartedTrial:
+        # Storage holds the copy of the last experiment snapshot (taken before any result); the
+        # driver's staging file already has the rounds 10 and 20 the trial reported before its worker died.
+        trial = _RestartedTrial(tmp_path / where / "staging", tmp_path / where / "storage")
+        Path(trial.storage.trial_fs_path).mkdir(parents=True)
+        (Path(trial.storage.trial_fs_path) / "result.json").write_text("")
+        (Path(trial.local_path) / "result.json").write_text('{"training_iteration": 10}\n{"training_iteration": 20}\n')
+        return trial
+
+    (json_logger,) = [cb for cb in _file_loggers() if isinstance(cb, JsonLoggerCallback)]
+    assert _restart_and_log(json_logger, restarted("ours"), 30) == [10, 20, 30]
+    # Ray's own logger replaces the driver's file with storage's stale copy (the case this guards).
+    assert _restart_and_log(JsonLoggerCallback(), restarted("ray"), 30) == [30]
+    # A restored experiment starts in a new staging folder: there storage's copy is the history.
+    fresh = _RestartedTrial(tmp_path / "fresh" / "staging", tmp_path / "ours" / "storage")
+    (Path(fresh.storage.trial_fs_path) / "result.json").write_text('{"training_iteration": 10}\n')
+    assert _restart_and_log(json_logger, fresh, 20) == [10, 20]
+
+
 # --------------------------------------------------------------------------- resume after a crash
 
 
