@@ -48,6 +48,11 @@ def _iterations(trial_dir: Path) -> list[int]:
             if ln.strip()]
 
 
+def _trials_with_checkpoints(store: Path, at_least: int) -> set[Path]:
+    dirs = [c.parent for c in store.glob("ray/*/trial_*/checkpoint_*")]
+    return {d for d in dirs if dirs.count(d) >= at_least}
+
+
 def _trial_actors(pid: int) -> list[psutil.Process]:
     """The Ray worker processes of a run that are running a trial (Ray names them after the actor class)."""
     return [p for p in process_tree([pid]) if "ImplicitFunc" in " ".join(p.cmdline()[:1])]
@@ -67,8 +72,12 @@ def test_trial_worker_sigkilled_mid_trial_resumes_from_its_checkpoint(shared):
     run = Run(tmp, env, "trial-kill", "--num-samples", "2", "--max-iterations", "200", "--scheduler", "fifo",
               "--max-concurrent", "1", TUNEPIPE_RETRY_DELAY_S="1")
     try:
-        wait_for("a first checkpoint", lambda: any(store.glob("ray/*/trial_*/checkpoint_*")), run)
-        (trial_dir,) = {c.parent for c in store.glob("ray/*/trial_*/checkpoint_*")}
+        # Kill once the trial has written its second checkpoint: the worker writes a checkpoint inside
+        # ``tune.report``, before the driver registers it, and a trial killed in between restarts from
+        # scratch. Tune lets the function go on only after the save is registered, so a second checkpoint
+        # means the first one is the driver's (the trial resumes from round 10 or 20).
+        wait_for("a second checkpoint", lambda: _trials_with_checkpoints(store, 2), run)
+        (trial_dir,) = _trials_with_checkpoints(store, 2)
         (actor,) = _trial_actors(run.proc.pid)
         actor.send_signal(signal.SIGKILL)
         code = run.wait(300)
