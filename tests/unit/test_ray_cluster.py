@@ -155,7 +155,13 @@ _TRIALS_CHILD = textwrap.dedent("""
                      "runtime_env_vars": sorted(ray.get_runtime_context().runtime_env.get("env_vars") or {})})
 
     with ray_session(settings, build_storage(settings)):
-        time.sleep(4)  # the pre-started workers finish their imports (a run spends this in its other stages)
+        time.sleep(2)  # the pre-started workers finish their imports (a run spends this in its other stages)
+        # Trials reserve the CPUs before their actors ask for a worker; Ray's reaper kills idle workers beyond
+        # the free CPUs once they have idled its threshold (1 s by default): hold the CPUs past it first.
+        pg = ray.util.placement_group([{"CPU": 2}])
+        ray.get(pg.ready())
+        time.sleep(3)
+        ray.util.remove_placement_group(pg)
         fit_started = time.time()
         grid = tune.Tuner(trial, param_space={"x": tune.grid_search([1, 2])},
                           tune_config=tune.TuneConfig(reuse_actors=True),
@@ -171,13 +177,13 @@ def test_trial_actors_can_take_the_prestarted_workers_with_the_trainables_import
     a new Python process importing Ray and xgboost after the trials were due (~2.5 s of a 6-s tune stage).
     Now they carry none, as the workers Ray starts with the node, which have imported the workload's
     modules while the driver was busy elsewhere; the S3 settings still reach them (inherited, not through
-    a runtime_env). Whether Ray then hands a trial a pre-started worker is Ray's choice (it mostly does:
-    the last field; see benchmarks/peer.py), so only what makes it possible is asserted."""
+    a runtime_env). And Ray keeps those workers while the trials' reservations hold every CPU: its reaper
+    killed them a second after the CPUs were reserved, then started new ones for the trial actors."""
     done = run_with_own_ray_tmp(_TRIALS_CHILD.replace("STORAGE", repr(str(tmp_path / "store"))),
                                 drop=("AWS_REQUEST_CHECKSUM_CALCULATION",))
     assert done.returncode == 0, done.stderr[-3000:]
-    trials = [line.rsplit(" ", 1)[0] for line in done.stdout.splitlines() if line.startswith("trial")]
-    assert trials == ["trial True when_required []"] * 2, done.stdout
+    trials = [line for line in done.stdout.splitlines() if line.startswith("trial")]
+    assert trials == ["trial True when_required [] True"] * 2, done.stdout
 
 
 def test_tune_keeps_its_own_actor_runtime_env_on_a_ray_that_is_not_ours(monkeypatch):
