@@ -103,7 +103,7 @@ def _local_init_args(settings: Settings, num_cpus: int | None = None,
     # Idle workers kept for a minute (``idle_worker_killing_time_threshold_ms``, 1 s by default): Ray's
     # reaper keeps no more idle workers than free CPUs, and the trials reserve every CPU (placement
     # groups) a moment before their actors ask for a worker; it killed the pre-started workers, their
-    # imports done, in between, and started new ones that imported it all again (~2 s of the tune stage).
+    # imports done, in between, and started new ones that imported it all again (2-4 s of the tune stage).
     system: dict[str, Any] = {"enable_timeline": False, "idle_worker_killing_time_threshold_ms": 60_000}
     if preload:
         system["preload_python_modules"] = list(preload)
