@@ -34,8 +34,8 @@ from pathlib import Path
 _SERVER: dict[str, object] = {}
 
 
-def _profile_api_url() -> str | None:
-    """``PREFECT_API_URL`` from the active profile of ``$PREFECT_HOME/profiles.toml``, if any."""
+def _profile_setting(name: str) -> str | None:
+    """A setting of the active profile of ``$PREFECT_HOME/profiles.toml``, if any."""
     home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
     path = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
     try:
@@ -43,14 +43,15 @@ def _profile_api_url() -> str | None:
     except (OSError, tomllib.TOMLDecodeError):
         return None
     active = os.environ.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
-    return (data.get("profiles", {}).get(active) or {}).get("PREFECT_API_URL")
+    value = (data.get("profiles", {}).get(active) or {}).get(name)
+    return None if value is None else str(value)
 
 
 def wanted(argv: list[str]) -> bool:
     """True for a command that runs a flow on Prefect's temporary API."""
     if not argv or argv[0] != "run" or {"--check", "--help", "-h"} & set(argv):
         return False
-    if os.environ.get("PREFECT_API_URL") or _profile_api_url():
+    if os.environ.get("PREFECT_API_URL") or _profile_setting("PREFECT_API_URL"):
         return False
     allow = os.environ.get("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true").lower()
     return allow not in ("0", "false", "no", "off")
@@ -69,11 +70,26 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
+# Automations (Prefect's triggers service and the actions it fires) are not served by the one-run API:
+# with no UI and no clients but this run, none can be created on it, and a real Prefect server (the
+# local stack's or yours) serves them. Starting them cost this API ~1.3 s of CPU on 2 cores (the
+# actions service builds a second copy of the whole API app for its client) while the run starts.
+# ``PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED=true`` (environment or profile) turns them back on.
+_TRIGGERS = "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED"
+
+
+def _server_env(port: int) -> dict[str, str]:
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1", "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    if _TRIGGERS not in env and _profile_setting(_TRIGGERS) is None:
+        env[_TRIGGERS] = "false"
+    return env
+
+
 def _spawn(port: int) -> subprocess.Popen[bytes]:
     spec = importlib.util.find_spec("prefect")  # finds the package without importing it
     assert spec is not None and spec.origin is not None
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-           "PREFECT__SERVER_FINAL": "1", "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    env = _server_env(port)
     return subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),

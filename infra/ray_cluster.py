@@ -145,11 +145,42 @@ def _init_local(settings: Settings, num_cpus: int | None = None, preload: tuple[
     through the environment its raylet inherits (held by the local processes, never written anywhere)."""
     import ray
 
-    with _environ({**_TUNE_ACTOR_ENV, **_storage_env(settings)}):
+    with _environ({**_TUNE_ACTOR_ENV, **_storage_env(settings)}), _without_monitor_processes():
         ray.init(**_local_init_args(settings, num_cpus, preload))
         _LOCAL_ENV.clear()
         _LOCAL_ENV.update(os.environ)
     _trial_actors_on_prestarted_workers()
+
+
+@contextlib.contextmanager
+def _without_monitor_processes() -> Iterator[None]:
+    """The head node ``ray.init`` starts here, without its log monitor and autoscaler monitor.
+
+    Both are Python processes that import Ray and then poll (~2 CPU-s of a 2-core start-up, while
+    the driver, Prefect's API and the pre-started workers need the cores): the log monitor ships
+    worker output to drivers that asked for it (``log_to_driver``, off here: worker logs stay in
+    the session's log files) and the autoscaler monitor scales a cluster, while this one is a fixed
+    local node. ``ray.init`` has no option for either (``ray start`` has ``--include-log-monitor``
+    and ``--no-monitor``), so the parameters it builds get them for the duration of the call.
+    A Ray without these names starts as it always does."""
+    from ray._private import parameter
+
+    params = getattr(parameter, "RayParams", None)
+    if params is None or not {"include_log_monitor", "no_monitor"} <= set(params.__init__.__code__.co_varnames):
+        yield
+        return
+
+    class _Params(params):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("include_log_monitor", False)
+            kwargs.setdefault("no_monitor", True)
+            super().__init__(*args, **kwargs)
+
+    parameter.RayParams = _Params
+    try:
+        yield
+    finally:
+        parameter.RayParams = params
 
 
 def _tune_actor_env() -> dict[str, str]:

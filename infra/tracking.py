@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -62,6 +63,33 @@ def source_tags() -> dict[str, str]:
     """MLflow's standard source tag for runs and logged models; empty outside a git checkout."""
     commit = git_commit()
     return {"mlflow.source.git.commit": commit} if commit else {}
+
+
+_REQUIREMENTS_CHECK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _requirements_pinned_here() -> Iterator[None]:
+    """``log_model`` without MLflow's check of the model's pip requirements against this environment.
+
+    The check only warns, and cannot warn here: the requirements are pinned to the versions installed
+    in this very process (``infra.models.pinned_requirements``). Saving the model and loading it back
+    to validate the input example each run it, and it maps every module of every installed
+    distribution first (``importlib.metadata.packages_distributions``: a ``stat`` of each installed
+    file, ~0.4 s per retrain). MLflow has no setting for it, so its per-requirement check answers
+    "satisfied" for the call; a MLflow without that function logs as it always does."""
+    from mlflow.utils import requirements_utils
+
+    with _REQUIREMENTS_CHECK:
+        check = getattr(requirements_utils, "_check_requirement_satisfied", None)
+        if check is None:
+            yield
+            return
+        requirements_utils._check_requirement_satisfied = lambda requirement: None  # noqa: SLF001
+        try:
+            yield
+        finally:
+            requirements_utils._check_requirement_satisfied = check  # noqa: SLF001
 
 
 class Tracker:
@@ -266,7 +294,7 @@ class Tracker:
         # mlflow.start_run(run_id=...) refuses to resume a run of another experiment than the one an
         # earlier set_experiment() in this process selected: make the run's own experiment the active one.
         mlflow.set_experiment(experiment_id=self.client.get_run(run_id).info.experiment_id)
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), _requirements_pinned_here():
             info = mlflow.pyfunc.log_model(**kwargs)
             with models.dataset_warnings_off():  # logging a dataset infers its schema
                 for context, dataset in datasets.items():

@@ -13,24 +13,58 @@ MULTICLASS_METRICS = ("accuracy", "error", "logloss")
 REGRESSION_METRICS = ("rmse", "mae", "r2")
 
 
-def binary_metrics(y_true: np.ndarray, proba: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    from sklearn.metrics import log_loss, roc_auc_score
+# The metrics are computed here with numpy (and pandas' ranking) rather than scikit-learn: importing
+# sklearn.metrics costs ~2 s on 2 cores (scipy.stats and sklearn's own start-up), a whole step of the
+# retrain stage; tests/unit/test_evaluate.py checks every value against scikit-learn's.
+def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve, as ``sklearn.metrics.roc_auc_score``: the Mann-Whitney statistic
+    with tied scores ranked at their average rank; NaN with a single class."""
+    import pandas as pd
 
+    y = np.asarray(y_true).astype(int)
+    positives = int(y.sum())
+    negatives = len(y) - positives
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    ranks = pd.Series(np.asarray(score, dtype=float)).rank(method="average").to_numpy()
+    return float((ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def roc_curve(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False and true positive rates at every distinct threshold, from (0, 0) to (1, 1), as
+    ``sklearn.metrics.roc_curve(..., drop_intermediate=False)``."""
+    order = np.argsort(-np.asarray(score, dtype=float), kind="mergesort")
+    y = np.asarray(y_true).astype(int)[order]
+    s = np.asarray(score, dtype=float)[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last row of each distinct score
+    tps = np.cumsum(y)[last]
+    fps = last + 1 - tps
+    return np.r_[0.0, fps / max(fps[-1], 1)], np.r_[0.0, tps / max(tps[-1], 1)]
+
+
+def log_loss(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class, as ``sklearn.metrics.log_loss``; ``proba`` one
+    column per class (used as given, not renormalised) or, for two classes, P(class 1)."""
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(proba, dtype=float)
+    if p.ndim == 1:
+        p = np.column_stack([1.0 - p, p])
+    eps = np.finfo(p.dtype).eps
+    return float(-np.log(np.clip(p[np.arange(len(y)), y], eps, 1 - eps)).mean())
+
+
+def binary_metrics(y_true: np.ndarray, proba: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     y = np.asarray(y_true).astype(int)
     p = np.clip(np.asarray(proba, dtype=float), 1e-7, 1 - 1e-7)
     acc = float(((p >= threshold).astype(int) == y).mean())
-    auc = float(roc_auc_score(y, p)) if len(np.unique(y)) > 1 else float("nan")
-    return {"auc": auc, "logloss": float(log_loss(y, p, labels=[0, 1])), "accuracy": acc, "error": 1.0 - acc}
+    return {"auc": roc_auc(y, p), "logloss": log_loss(y, p), "accuracy": acc, "error": 1.0 - acc}
 
 
 def multiclass_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import log_loss
-
     y = np.asarray(y_true).astype(int)
     p = np.asarray(proba, dtype=float)
     acc = float((p.argmax(axis=1) == y).mean())
-    return {"accuracy": acc, "error": 1.0 - acc,
-            "logloss": float(log_loss(y, np.clip(p, 1e-7, 1), labels=list(range(p.shape[1]))))}
+    return {"accuracy": acc, "error": 1.0 - acc, "logloss": log_loss(y, np.clip(p, 1e-7, 1))}
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> list[list[int]]:
@@ -74,12 +108,11 @@ def roc_png(y_true: np.ndarray, curves: dict[str, np.ndarray], title: str) -> by
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_auc_score, roc_curve
 
     fig, ax = plt.subplots(figsize=(5, 5))
     for label, proba in curves.items():
-        fpr, tpr, _ = roc_curve(y_true, proba)
-        ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(y_true, proba):.4f})")
+        fpr, tpr = roc_curve(y_true, proba)
+        ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc(y_true, proba):.4f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")

@@ -6,6 +6,7 @@ the same seed proposes the same configs. Spaces themselves (``to_domain``, ``bui
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuning_core.errors import ConfigError
@@ -52,8 +53,48 @@ def _random(cfg: TuneConfig, space: dict[str, Any]) -> Any:
 _grid = _random  # the same generator: grid_search domains expand into the full grid
 
 
+def _import_hyperopt() -> None:
+    """Import hyperopt with its ATPE module loaded on first use.
+
+    ``hyperopt/__init__`` imports every algorithm; ATPE's module alone imports ``scipy.stats`` (~1 s
+    of a 2-core start-up) though only TPE and random search are used here. Hand-written because
+    ``importlib.util.LazyLoader`` loads at once here: the import system reads the module's
+    ``__spec__`` when ``hyperopt/__init__`` imports it. So ``hyperopt.atpe`` starts as an empty
+    module with the real spec whose module ``__getattr__`` (PEP 562) runs ``atpe.py`` into it the
+    first time anything is read from it: ``hyperopt.atpe.suggest`` works as before."""
+    import importlib.util
+    import sys
+
+    if "hyperopt" in sys.modules:
+        return
+    package = importlib.util.find_spec("hyperopt")  # finds the package without importing it
+    if package is None or not package.submodule_search_locations:
+        return
+    path = Path(next(iter(package.submodule_search_locations))) / "atpe.py"
+    spec = importlib.util.spec_from_file_location("hyperopt.atpe", path)
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+
+    def load(name: str) -> Any:
+        del module.__dict__["__getattr__"]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        return getattr(module, name)
+
+    module.__getattr__ = load  # type: ignore[method-assign]
+    sys.modules["hyperopt.atpe"] = module
+    try:
+        import hyperopt
+    except BaseException:
+        sys.modules.pop("hyperopt.atpe", None)
+        raise
+    hyperopt.atpe = module  # type: ignore[attr-defined]
+
+
 def _hyperopt(cfg: TuneConfig, space: dict[str, Any]) -> Any:
     from ray.tune.search import ConcurrencyLimiter
+
+    _import_hyperopt()
     from ray.tune.search.hyperopt import HyperOptSearch
 
     # hyperopt's default of 20 random start-up points would leave TPE idle on small budgets.

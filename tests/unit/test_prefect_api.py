@@ -52,6 +52,21 @@ def test_an_api_url_in_the_active_profile_is_respected(monkeypatch, tmp_path):
     assert prefect_api.wanted(["run", "flights"])
 
 
+def test_automations_are_off_in_the_one_run_api_unless_asked_for(monkeypatch, tmp_path):
+    """The triggers service (and the actions it fires) cost the one-run API ~1.3 s of a 2-core start;
+    no automation can be created on that API. Asked for in the environment or the profile, they run."""
+    name = "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED"
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    for var in (name, "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    assert prefect_api._server_env(4321)[name] == "false"
+    monkeypatch.setenv(name, "true")
+    assert prefect_api._server_env(4321)[name] == "true"
+    monkeypatch.delenv(name)
+    (tmp_path / "profiles.toml").write_text(f'active = "mine"\n[profiles.mine]\n{name} = true\n')
+    assert name not in prefect_api._server_env(4321)  # the server reads the profile's value itself
+
+
 def test_the_server_answers_and_dies_with_a_sigkilled_parent():
     """A run SIGKILLed (OOM killer, kill -9) must not leave Prefect's server behind: Prefect's own
     temporary server outlived its parent; ours has PR_SET_PDEATHSIG."""

@@ -26,6 +26,12 @@ _CHILD = textwrap.dedent("""
         assert ray.cluster_resources().get("CPU") == 1.0, ray.cluster_resources()
         print("session", where, ray.get(ray.remote(lambda: 41 + 1).remote()))
         raylet = ray._private.worker._global_node.all_processes["raylet"][0].process
+        # No log monitor (worker output stays in the session's files) and no autoscaler monitor (a
+        # fixed local node): two Python processes fewer competing for the cores while the run starts.
+        import psutil
+        cmdlines = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
+        print("monitors", [c for c in cmdlines if "log_monitor.py" in c or "autoscaler/_private/monitor.py" in c])
+        assert any("raylet" in c for c in cmdlines), cmdlines
     # The driver has left Ray when the session ends, in this thread (a core worker shut down beside
     # other work ends the process silently); only the node's processes stop in the background.
     assert not ray.is_initialized() and not hasattr(ray._private.worker.global_worker, "core_worker")
@@ -73,6 +79,7 @@ def test_embedded_default_starts_its_own_ray_despite_a_stale_cluster_file(tmp_pa
     done = _run_child(tmp_path, ahead=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "session local 42" in done.stdout
+    assert "monitors []" in done.stdout
     # The finished session's folder is gone from /tmp/ray; the failed one's logs are kept.
     assert "left after success []" in done.stdout and "left after failure 1" in done.stdout
 
