@@ -89,12 +89,11 @@ def _server_env(port: int) -> dict[str, str]:
 def _spawn(port: int) -> subprocess.Popen[bytes]:
     spec = importlib.util.find_spec("prefect")  # finds the package without importing it
     assert spec is not None and spec.origin is not None
-    env = _server_env(port)
     return subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
          "--log-level", "error", "--lifespan", "on"],
-        env=env, stdin=subprocess.DEVNULL,
+        env=_server_env(port), stdin=subprocess.DEVNULL,
         preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509 - no threads yet
     )
 

@@ -33,9 +33,9 @@ def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
 def roc_curve(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """False and true positive rates at every distinct threshold, from (0, 0) to (1, 1), as
     ``sklearn.metrics.roc_curve(..., drop_intermediate=False)``."""
-    order = np.argsort(-np.asarray(score, dtype=float), kind="mergesort")
-    y = np.asarray(y_true).astype(int)[order]
-    s = np.asarray(score, dtype=float)[order]
+    s = np.asarray(score, dtype=float)
+    order = np.argsort(-s, kind="mergesort")
+    y, s = np.asarray(y_true).astype(int)[order], s[order]
     last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last row of each distinct score
     tps = np.cumsum(y)[last]
     fps = last + 1 - tps
