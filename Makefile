@@ -38,11 +38,9 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-# The unit tests on Python 3.13 without torch: the torch ones skip (pytest.importorskip), the flights ones
-# and tests/unit/test_packaging.py (flights imports no torch; fashion-mnist says in one line to install it) run.
-# Tests marked slow (Ray Train runs, whole pipelines) run once, under `make test`: they cost minutes each time.
-# Python-version checks only (packaging, imports, data, features, search space, metrics, bad input): the whole
-# unit suite again under 3.13 put CI past its 90 min (stop 25).
+# Python 3.13 without torch: the Python-version checks only (packaging: flights imports no torch and
+# fashion-mnist says in one line to install it; imports, data, features, search space, metrics, layering).
+# Everything else runs once, under `make test`: the whole unit suite again under 3.13 put CI past 90 min.
 PY313_TESTS ?= tests/unit/test_packaging.py tests/unit/test_imports.py tests/unit/test_flights_data.py \
   tests/unit/test_flight_features.py tests/unit/test_search_space.py tests/unit/test_evaluate.py \
   tests/unit/test_layering.py
